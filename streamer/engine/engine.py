@@ -1,0 +1,427 @@
+"""The engine: a thin async loop around the pure scheduler and the pipeline stages.
+
+    schedule (up to N micro-batches in flight) -> stages -> sample -> update -> per-request outputs
+
+It is usable without Kafka (`Engine.generate`); the worker wraps `Engine.add`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import torch
+
+from streamer.config import EngineConfig
+from streamer.engine import model as model_lib
+from streamer.engine.detokenizer import IncrementalDetokenizer
+from streamer.engine.outputs import OutputKind, RequestOutput, RequestStream
+from streamer.engine.sampling import new_generator, sample
+from streamer.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from streamer.engine.sequence import SamplingParams, Sequence, SeqStatus
+from streamer.engine.stages import Pipeline, Stage, StepBatch
+
+log = structlog.get_logger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+@dataclass
+class Tracked:
+    """Engine-side companions of a sequence that the pure scheduler does not need."""
+
+    seq: Sequence
+    stream: RequestStream
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    deadline_s: float | None  # epoch seconds
+    abort_reason: str | None = None
+    first_token_at: float | None = None
+    started_announced: bool = False
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, *, aging_s: float = 30.0) -> None:
+        config.validate()
+        self.config = config
+        self.aging_s = aging_s
+        self.tokenizer: Any = None
+        self.shape: model_lib.ModelShape | None = None
+        self.scheduler: Scheduler | None = None
+        self.pipeline: Pipeline | None = None
+        self.max_model_len = 0
+        self.num_slots = 0
+        self.eos_ids: frozenset[int] = frozenset()
+        self._tracked: dict[str, Tracked] = {}
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.steps = 0
+        self.last_step_at = time.monotonic()
+        self.on_step: Callable[[StepPlan, float], None] | None = None
+        self.fatal: BaseException | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> Engine:
+        if self._task is not None:
+            return self
+        await asyncio.to_thread(self._load)
+        assert self.pipeline is not None
+        await self.pipeline.start()
+        self._task = asyncio.create_task(self._run(), name="engine-loop")
+        return self
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.pipeline is not None:
+            await self.pipeline.stop()
+
+    async def __aenter__(self) -> Engine:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _load(self) -> None:
+        cfg = self.config
+        model_lib.check_devices(cfg.devices)
+        dtype = model_lib.resolve_dtype(cfg.dtype, cfg.devices)
+        self.tokenizer = model_lib.load_tokenizer(cfg.model)
+        hf, shape = model_lib.load_model(cfg.model, dtype)
+        self.shape = shape
+        self.max_model_len = min(cfg.max_model_len or shape.context_length, shape.context_length)
+        eos = hf.generation_config.eos_token_id if hf.generation_config else None
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        groups = len(cfg.devices)
+        elsize = torch.empty((), dtype=dtype).element_size()
+        per_slot = 2 * shape.num_layers * shape.num_kv_heads * self.max_model_len * shape.head_dim * elsize
+        budget = cfg.kv_cache_bytes or self._default_kv_budget()
+        by_budget = budget // per_slot
+        wanted = -(-cfg.max_num_seqs // groups) * groups  # more slots than sequences are unused
+        self.num_slots = (min(by_budget, wanted) // groups) * groups
+        if self.num_slots < groups:
+            raise ValueError(
+                f"KV-cache budget {budget} bytes holds {by_budget} sequence slot(s) of "
+                f"{per_slot} bytes (max_model_len={self.max_model_len}); need at least {groups}: "
+                "raise kv_cache_bytes or lower max_model_len"
+            )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=cfg.max_num_seqs,
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
+                num_slots=self.num_slots,
+                num_groups=groups,
+                aging_s=self.aging_s,
+            )
+        )
+        ranges = model_lib.split_layers(shape.num_layers, groups, cfg.layer_split)
+        stages = [
+            Stage(
+                i,
+                torch.device(device),
+                model_lib.stage_modules(hf, layers, first=i == 0, last=i == groups - 1),
+                shape,
+                self.num_slots,
+                self.max_model_len,
+                dtype,
+            )
+            for i, (device, layers) in enumerate(zip(cfg.devices, ranges, strict=True))
+        ]
+        self.pipeline = Pipeline(stages)
+        log.info(
+            "engine_loaded",
+            model=cfg.model,
+            model_type=shape.model_type,
+            dtype=str(dtype).removeprefix("torch."),
+            stages=[f"{d}:{r.start}-{r.stop - 1}" for d, r in zip(cfg.devices, ranges, strict=True)],
+            kv_slots=self.num_slots,
+            kv_bytes=per_slot * self.num_slots,
+            max_model_len=self.max_model_len,
+        )
+
+    def _default_kv_budget(self) -> int:
+        cuda = [d for d in self.config.devices if d.startswith("cuda")]
+        if not cuda:
+            return CPU_DEFAULT_KV_BYTES
+        free = sum(torch.cuda.mem_get_info(torch.device(d))[0] for d in sorted(set(cuda)))
+        return int(free * self.config.kv_cache_fraction)
+
+    # ------------------------------------------------------------------ requests
+
+    @property
+    def kv_usage(self) -> float:
+        if self.scheduler is None or not self.num_slots:
+            return 0.0
+        return self.scheduler.slots_in_use() / self.num_slots
+
+    def stage_busy_seconds(self) -> list[float]:
+        return [s.busy_seconds for s in self.pipeline.stages] if self.pipeline else []
+
+    def add(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 2,
+        deadline_ms: int | None = None,
+    ) -> RequestStream:
+        """Queue a tokenized request; its outputs arrive on the returned stream."""
+        assert self.scheduler is not None, "engine not started"
+        if self.fatal is not None:
+            raise RuntimeError(f"engine stopped after a fatal error: {self.fatal}")
+        if not prompt_ids:
+            raise ValueError("prompt must have at least one token")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"max_model_len={self.max_model_len}"
+            )
+        seq = Sequence(request_id, list(prompt_ids), params, priority=priority,
+                       arrival=time.monotonic())
+        stream = RequestStream(request_id)
+        self.scheduler.add(seq)
+        self._tracked[request_id] = Tracked(
+            seq=seq,
+            stream=stream,
+            detok=IncrementalDetokenizer(self.tokenizer, stop=params.stop),
+            generator=new_generator(params),
+            deadline_s=deadline_ms / 1000 if deadline_ms is not None else None,
+        )
+        self._wakeup.set()
+        return stream
+
+    def abort(self, request_id: str, reason: str = "cancelled") -> bool:
+        """Stop a request wherever it is; it finishes with `reason`. False if unknown."""
+        tracked = self._tracked.get(request_id)
+        if tracked is None or self.scheduler is None:
+            return False
+        if self.scheduler.is_in_flight(tracked.seq):
+            tracked.abort_reason = reason  # finished when its micro-batch comes back
+        else:
+            self._finish(tracked, SeqStatus.FINISHED_ABORTED, reason)
+        self._wakeup.set()
+        return True
+
+    async def generate(
+        self, prompt: str, params: SamplingParams | None = None, *, request_id: str | None = None,
+        priority: int = 2,
+    ) -> AsyncIterator[RequestOutput]:
+        """In-process API: tokenize `prompt` as `tokenizer(prompt)` does and stream outputs."""
+        params = params or SamplingParams()
+        ids = self.tokenizer(prompt).input_ids
+        stream = self.add(request_id or f"gen-{id(params)}-{time.monotonic_ns()}", ids, params,
+                          priority=priority)
+        async for output in stream:
+            yield output
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._tracked
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._tracked)
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        assert self.scheduler is not None and self.pipeline is not None
+        scheduler, pipeline = self.scheduler, self.pipeline
+        in_flight: deque[StepPlan] = deque()
+        try:
+            while True:
+                self._expire_deadlines()
+                while len(in_flight) < pipeline.depth:
+                    plan = scheduler.schedule_next(time.monotonic())
+                    if plan is None:
+                        break
+                    self._announce(plan)
+                    if plan.items:
+                        await pipeline.submit(self._build(plan))
+                        in_flight.append(plan)
+                if not in_flight:
+                    self._wakeup.clear()
+                    if not scheduler.has_work:
+                        # Wake for new work, or once a second to check deadlines.
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
+                    continue
+                began = time.monotonic()
+                _, result = await pipeline.result()
+                plan = in_flight.popleft()
+                scheduler.complete(plan)
+                self._process(plan, result)
+                self.steps += 1
+                self.last_step_at = time.monotonic()
+                if self.on_step is not None:
+                    self.on_step(plan, self.last_step_at - began)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the loop itself broke: fail every request loudly
+            self.fatal = exc
+            log.exception("engine_loop_failed")
+            for tracked in list(self._tracked.values()):
+                self._finish(tracked, SeqStatus.FINISHED_ABORTED, "failed", error=repr(exc))
+            raise
+
+    def _announce(self, plan: StepPlan) -> None:
+        for seq in plan.preempted:
+            tracked = self._tracked[seq.request_id]
+            tracked.stream.put(RequestOutput(seq.request_id, OutputKind.PREEMPTED))
+        for item in plan.items:
+            tracked = self._tracked[item.seq.request_id]
+            if not tracked.started_announced:
+                tracked.started_announced = True
+                tracked.stream.put(RequestOutput(item.seq.request_id, OutputKind.STARTED,
+                                                 started_at=time.monotonic()))
+
+    def _build(self, plan: StepPlan) -> StepBatch:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_slots: list[int] = []
+        decode_lens: list[int] = []
+        prefills: list[tuple[int, int, int, int]] = []
+        sample_rows: list[int] = []
+        params: list[SamplingParams] = []
+        generators: list[torch.Generator | None] = []
+        row = 0
+        for item in plan.items:
+            seq, start, num = item.seq, item.start, item.num_tokens
+            assert seq.slot is not None
+            ids.extend(token_slice(seq, start, num))
+            positions.extend(range(start, start + num))
+            slots.extend([seq.slot] * num)
+            if num == 1:
+                decode_rows.append(row)
+                decode_slots.append(seq.slot)
+                decode_lens.append(start + 1)
+            else:
+                prefills.append((row, num, seq.slot, start))
+            if item.sample:
+                sample_rows.append(row + num - 1)
+                params.append(seq.params)
+                generators.append(self._tracked[seq.request_id].generator)
+            row += num
+        span = (min(decode_slots), max(decode_slots) + 1) if decode_slots else (0, 0)
+        as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        return StepBatch(
+            input_ids=as_long(ids),
+            positions=as_long(positions),
+            token_slots=as_long(slots),
+            decode_rows=as_long(decode_rows),
+            decode_slots=as_long(decode_slots),
+            decode_lens=as_long(decode_lens),
+            prefills=prefills,
+            sample_rows=as_long(sample_rows),
+            sampler=lambda logits: sample(logits, params, generators),
+            slot_span=span,
+            max_decode_len=max(decode_lens, default=0),
+        )
+
+    def _process(self, plan: StepPlan, result: list[int] | BaseException) -> None:
+        """The one place that turns a step's sampled tokens into per-request outputs."""
+        if isinstance(result, BaseException):
+            log.error("step_failed", error=repr(result), sequences=len(plan.items))
+            for item in plan.items:
+                tracked = self._tracked.get(item.seq.request_id)
+                if tracked is not None:
+                    self._finish(tracked, SeqStatus.FINISHED_ABORTED, "failed", error=repr(result))
+            return
+        tokens = iter(result)
+        now = time.monotonic()
+        for item in plan.items:
+            token = next(tokens) if item.sample else None
+            tracked = self._tracked.get(item.seq.request_id)
+            if tracked is None:
+                continue
+            if tracked.abort_reason is not None:
+                self._finish(tracked, SeqStatus.FINISHED_ABORTED, tracked.abort_reason)
+                continue
+            if token is not None:
+                self._append(tracked, token, now)
+
+    def _append(self, tracked: Tracked, token: int, now: float) -> None:
+        seq = tracked.seq
+        index = len(seq.output_ids)
+        seq.output_ids.append(token)
+        if tracked.first_token_at is None:
+            tracked.first_token_at = now
+        text = tracked.detok.push([token])
+        status: SeqStatus | None = None
+        if token in self.eos_ids and not seq.params.ignore_eos:
+            status = SeqStatus.FINISHED_EOS
+        elif tracked.detok.stopped:
+            status = SeqStatus.FINISHED_STOPPED
+        elif len(seq.output_ids) >= seq.params.max_tokens:
+            status = SeqStatus.FINISHED_LENGTH
+        if status is not None:
+            text += tracked.detok.finish()
+        seq.published_tokens = len(seq.output_ids)
+        tracked.stream.put(
+            RequestOutput(seq.request_id, OutputKind.TOKENS, index=index, token_ids=[token], text=text)
+        )
+        if status is not None:
+            self._finish(tracked, status, _REASONS[status])
+
+    def _finish(self, tracked: Tracked, status: SeqStatus, reason: str, error: str | None = None) -> None:
+        seq = tracked.seq
+        if self._tracked.pop(seq.request_id, None) is None:
+            return
+        assert self.scheduler is not None
+        self.scheduler.finish(seq, status)
+        if status is SeqStatus.FINISHED_ABORTED:
+            tracked.detok.finish()
+        tracked.stream.put(
+            RequestOutput(
+                seq.request_id,
+                OutputKind.FINISHED,
+                finish_reason=reason,
+                final_text=tracked.detok.text,
+                num_prompt_tokens=len(seq.prompt_ids),
+                num_completion_tokens=len(seq.output_ids),
+                error=error,
+                first_token_at=tracked.first_token_at,
+                started_at=seq.started_at,
+            )
+        )
+
+    def _expire_deadlines(self) -> None:
+        now = time.time()
+        expired = [
+            t.seq.request_id
+            for t in self._tracked.values()
+            if t.deadline_s is not None and now > t.deadline_s and t.abort_reason is None
+        ]
+        for request_id in expired:
+            self.abort(request_id, "expired")
+
+
+_REASONS = {
+    SeqStatus.FINISHED_EOS: "eos",
+    SeqStatus.FINISHED_STOPPED: "stop",
+    SeqStatus.FINISHED_LENGTH: "length",
+}
+
+
+def token_slice(seq: Sequence, start: int, num: int) -> list[int]:
+    """seq.all_ids[start:start+num] without building the whole list (decode is one token)."""
+    prompt_len = len(seq.prompt_ids)
+    if start >= prompt_len:
+        return seq.output_ids[start - prompt_len : start - prompt_len + num]
+    end = start + num
+    if end <= prompt_len:
+        return seq.prompt_ids[start:end]
+    return seq.prompt_ids[start:] + seq.output_ids[: end - prompt_len]

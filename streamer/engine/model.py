@@ -1,0 +1,121 @@
+"""Load a Hugging Face causal LM and split it into pipeline stages.
+
+The batched path runs the Llama family (Llama, Mistral, Qwen2, Qwen3) by calling the checkpoint's
+own modules (projections, norms, MLP, rotary embedding): the weights, rotary scaling, grouped-query
+attention, biases and RMSNorm epsilon all come from the checkpoint. Only attention is ours, because
+it reads the engine's KV cache. Other architectures are refused at start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+log = structlog.get_logger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int
+    model_type: str
+
+
+def resolve_dtype(name: str, devices: tuple[str, ...]) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if all(d.startswith("cuda") for d in devices) and torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_devices(devices: tuple[str, ...]) -> None:
+    for device in devices:
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {device!r} requested but CUDA is not available")
+            index = torch.device(device).index or 0
+            if index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist"
+                )
+        elif device != "cpu":
+            raise ValueError(f"unknown device {device!r}; use cpu or cuda:N")
+
+
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(model)
+
+
+def load_model(model: str, dtype: torch.dtype) -> tuple[nn.Module, ModelShape]:
+    config = AutoConfig.from_pretrained(model)
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type {model_type!r} is not supported by the batched pipeline; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    hf.eval()
+    text_config = hf.config
+    num_heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+    context = int(getattr(text_config, "max_position_embeddings", 2048))
+    window = getattr(text_config, "sliding_window", None)
+    if window and getattr(text_config, "use_sliding_window", True) and window < context:
+        # Our attention is full attention: stay inside the window, where the two agree.
+        log.warning("sliding_window_caps_context", sliding_window=window, context=context)
+        context = int(window)
+    shape = ModelShape(
+        num_layers=text_config.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        hidden_size=text_config.hidden_size,
+        vocab_size=text_config.vocab_size,
+        context_length=context,
+        model_type=model_type,
+    )
+    return hf, shape
+
+
+def split_layers(num_layers: int, num_stages: int, split: tuple[int, ...] | None) -> list[range]:
+    """Layer ranges per stage: even by default (earlier stages take the remainder)."""
+    if split is None:
+        base, extra = divmod(num_layers, num_stages)
+        split = tuple(base + (1 if i < extra else 0) for i in range(num_stages))
+    if len(split) != num_stages or sum(split) != num_layers or min(split) < 1:
+        raise ValueError(
+            f"layer split {split} must give each of {num_stages} stages at least one layer "
+            f"and add up to {num_layers}"
+        )
+    ranges, start = [], 0
+    for count in split:
+        ranges.append(range(start, start + count))
+        start += count
+    return ranges
+
+
+def stage_modules(hf: nn.Module, layers: range, first: bool, last: bool) -> dict[str, Any]:
+    """The modules one stage needs, taken from the loaded checkpoint."""
+    inner = hf.model
+    return {
+        "layers": [inner.layers[i] for i in layers],
+        "embed": inner.embed_tokens if first else None,
+        "norm": inner.norm if last else None,
+        "lm_head": hf.lm_head if last else None,
+        "rotary": inner.rotary_emb,
+    }

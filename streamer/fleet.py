@@ -1,0 +1,142 @@
+"""A local supervisor: N worker processes in one consumer group, restarted when they die."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+STATE_FILE = Path(".streamer/fleet.json")
+
+
+@dataclass
+class WorkerProcess:
+    index: int
+    args: list[str]
+    metrics_port: int
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    log_path: Path | None = None
+
+
+@dataclass
+class Fleet:
+    """Runs `streamer worker` N times; worker i serves metrics on base_port + i."""
+
+    worker_args: list[str]
+    workers: int = 2
+    base_metrics_port: int = 9400
+    env: dict[str, str] = field(default_factory=dict)
+    log_dir: Path | None = None
+    state_file: Path | None = STATE_FILE
+    max_backoff_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        self.procs = [
+            WorkerProcess(i, self.worker_args, self.base_metrics_port + i) for i in range(self.workers)
+        ]
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        for proc in self.procs:
+            await self._spawn(proc)
+        self._tasks = [asyncio.create_task(self._watch(p)) for p in self.procs]
+        self._write_state()
+
+    async def _spawn(self, proc: WorkerProcess) -> None:
+        env = {**os.environ, **self.env, "STREAMER_WORKER_ID": f"worker-{proc.index}"}
+        out = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            proc.log_path = self.log_dir / f"worker-{proc.index}.log"
+            out = open(proc.log_path, "ab")  # noqa: SIM115  (owned by the child)
+        proc.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streamer.cli", "worker", *proc.args,
+            "--metrics-port", str(proc.metrics_port), env=env, stdout=out, stderr=out,
+        )
+        if out is not None:
+            out.close()
+        proc.started_at = time.monotonic()
+        log.info("worker_spawned", index=proc.index, pid=proc.process.pid,
+                 metrics=f"http://127.0.0.1:{proc.metrics_port}/metrics")
+
+    async def _watch(self, proc: WorkerProcess) -> None:
+        while True:
+            assert proc.process is not None
+            code = await proc.process.wait()
+            if self._stopping:
+                return
+            # Back off exponentially, reset after a worker that stayed up a minute.
+            if time.monotonic() - proc.started_at > 60:
+                proc.restarts = 0
+            delay = min(self.max_backoff_s, 0.5 * 2**proc.restarts)
+            proc.restarts += 1
+            log.warning("worker_died", index=proc.index, code=code, restart_in_s=delay)
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            await self._spawn(proc)
+            self._write_state()
+
+    def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[index].process
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(sig)
+
+    async def stop(self, timeout: float = 60.0) -> None:
+        """Forward SIGTERM (orderly drain), then SIGKILL what is still running at the timeout."""
+        self._stopping = True
+        for proc in self.procs:
+            if proc.process is not None and proc.process.returncode is None:
+                proc.process.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            if proc.process is None:
+                continue
+            try:
+                await asyncio.wait_for(proc.process.wait(), timeout)
+            except TimeoutError:
+                proc.process.kill()
+                await proc.process.wait()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.state_file is not None:
+            with contextlib.suppress(OSError):
+                self.state_file.unlink()
+
+    def _write_state(self) -> None:
+        if self.state_file is None:
+            return
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        state = {"workers": [
+            {"index": p.index, "pid": p.process.pid if p.process else None,
+             "metrics": f"http://127.0.0.1:{p.metrics_port}/metrics"} for p in self.procs]}
+        self.state_file.write_text(json.dumps(state, indent=2))
+
+
+async def run_fleet(worker_args: list[str], workers: int, base_port: int) -> int:
+    fleet = Fleet(worker_args, workers, base_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await fleet.start()
+    for proc in fleet.procs:
+        print(f"worker {proc.index}: pid {proc.process.pid if proc.process else '?'}, metrics "
+              f"http://127.0.0.1:{proc.metrics_port}/metrics", flush=True)
+    await stop.wait()
+    await fleet.stop()
+    return 0
