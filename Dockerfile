@@ -17,6 +17,8 @@ RUN pip install torch==${TORCH_VERSION} --index-url https://download.pytorch.org
 # nothing can import the source tree by accident. Then fail the build, not the first
 # `topics apply`, if the installed package cannot find the topic specs. torch is already
 # satisfied, so pip adds only streamer and its other dependencies.
+COPY topics /etc/streamer/topics
+ENV STREAMER_TOPICS_DIR=/etc/streamer/topics
 COPY . /tmp/src
 RUN pip install /tmp/src \
     && rm -rf /tmp/src \

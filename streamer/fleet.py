@@ -44,7 +44,9 @@ class Fleet:
 
     def __post_init__(self) -> None:
         self.procs = [
-            WorkerProcess(i, self.worker_args, self.base_metrics_port + i) for i in range(self.workers)
+            # base 0: every worker picks a free port (and logs it).
+            WorkerProcess(i, self.worker_args, self.base_metrics_port + i if self.base_metrics_port else 0)
+            for i in range(self.workers)
         ]
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []

@@ -40,7 +40,8 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
 # Byte alphabet + specials: the smallest vocabulary a byte-level BPE can have.
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
-_MAX_VOCAB = 8192  # the embedded corpus cannot feed many more merges than this
+_MAX_VOCAB = 8192  # the embedded corpus feeds ~2.9k tokens; the rest are filler tokens
+_REF_WIDTH = 128  # fan-in at which a weight's init std is exactly init_std
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -64,12 +65,14 @@ class TinyModelSpec:
     vocab_size: int = 1024  # size of the locally trained BPE tokenizer
     max_position_embeddings: int = 1024
     tie_word_embeddings: bool = True
-    # Std of the normal init of every weight matrix (config.initializer_range). 0.1 keeps each
-    # layer's output O(1), larger than the token embedding, so the layers (not the identity path)
-    # decide the next token; with tied embeddings a dominant identity path would repeat the input.
+    # Std of the normal init of a weight matrix with fan-in 128, scaled by sqrt(128 / fan_in)
+    # otherwise so every width behaves alike. 0.1 keeps each layer's output O(1), larger than the
+    # token embedding, so the layers (not the identity path) pick the next token: with tied
+    # embeddings a dominant identity path repeats the input token; much larger and the network
+    # turns chaotic, amplifying float noise.
     init_std: float = 0.1
-    # Gain of the final RMSNorm, i.e. logit spread ~ logit_scale * init_std * sqrt(hidden_size).
-    # Large on purpose: it makes the greedy choice robust to float noise (decisive logits).
+    # Gain of the final RMSNorm: logits spread ~ logit_scale * init_std * sqrt(128) (std ~45).
+    # Large on purpose, so top-1/top-2 gaps dwarf absolute float noise (decisive logits).
     logit_scale: float = 40.0
     # Multiplies the </s> embedding row: < 1 makes EOS rarer, so greedy runs are usually long.
     eos_scale: float = 1.0
@@ -282,10 +285,12 @@ def build_model(spec: TinyModelSpec, *, pad_id: int = 0, bos_id: int = 1, eos_id
             elif name.endswith(".bias"):
                 # Qwen2 q/k/v biases, ~1/4 the size of W @ x: enough that a dropped bias changes
                 # the output, small enough not to pin every prompt to the same continuation.
-                std = 0.25 * spec.init_std * math.sqrt(spec.hidden_size)
+                std = 0.25 * spec.init_std * math.sqrt(_REF_WIDTH)
                 param.normal_(0.0, std, generator=gen)
             else:
-                param.normal_(0.0, spec.init_std, generator=gen)
+                # Linear weights are [out, in]; embeddings [vocab, hidden] (fan-in = hidden).
+                fan_in = param.shape[1]
+                param.normal_(0.0, spec.init_std * math.sqrt(_REF_WIDTH / fan_in), generator=gen)
         for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
                     }.values():
             # pad/bos shrunk so they are essentially never predicted; eos per the spec.

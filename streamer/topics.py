@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,15 @@ class TopicSpec:
 
 
 def specs_dir() -> Path:
-    """topics/ of the source tree, or the copy packaged as streamer/topic_specs in a wheel."""
+    """$STREAMER_TOPICS_DIR, else topics/ of the source tree (the image sets the variable)."""
+    configured = os.environ.get("STREAMER_TOPICS_DIR")
+    if configured:
+        return Path(configured)
     if TOPICS_DIR.is_dir():
         return TOPICS_DIR
-    return Path(str(resources.files("streamer") / "topic_specs"))
+    raise FileNotFoundError(
+        "no topic specs: set STREAMER_TOPICS_DIR to a folder of topic YAML files "
+        f"(looked in {TOPICS_DIR})")
 
 
 def load_specs(prefix: str = "llm", directory: Path | None = None) -> list[TopicSpec]:

@@ -37,9 +37,7 @@ CORPUS = [
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
 
-PROFILE = settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+PROFILE = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _wrap(tokenizer: Tokenizer, **kwargs: Any) -> PreTrainedTokenizerFast:
@@ -462,6 +460,68 @@ def test_byte_fallback_truncated_run_matches_decode() -> None:
     assert "".join(deltas) == "a" + "\ufffd" * 4
 
 
+def test_longer_stop_waits_for_text_held_in_a_byte_run() -> None:
+    tok = TOKENIZERS["byte_fallback"]
+    the = tok.convert_tokens_to_ids("▁the")
+    zhong = [tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "中".encode()]
+    detok = IncrementalDetokenizer(tok, stop=["the中", "he"])
+    # "he" is complete, but "the中" starts earlier and may complete inside the open run.
+    assert detok.push([the, *zhong]) == ""
+    assert not detok.stopped
+    assert detok.push([tok.convert_tokens_to_ids("a")]) == ""
+    assert detok.stopped
+    assert detok.finish() == ""
+    assert detok.text == ""
+
+
+def test_longer_stop_waits_for_text_held_by_cleanup() -> None:
+    tok = TOKENIZERS["wordpiece_cleanup"]
+    ids = tok.encode("I'm sure it's", add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(ids[-2:]) == ["'", "s"]
+    deltas = assert_contract(tok, [ids[:-1], ids[-1:]], stops=["sure it's", "it"])
+    assert "".join(deltas) == "I'm "
+    # Without the apostrophe held by cleanup, "it" completes first and is final.
+    deltas = assert_contract(tok, [ids[:-2], ids[-2:]], stops=["sure it's", "it"])
+    assert "".join(deltas) == "I'm sure "
+
+
+class _RunDecoder:
+    """A decoder outside the Hugging Face stack that rewrites released text for a while.
+
+    Ids >= 256 are the letters a, b, c, ...; ids < 256 are raw bytes, and every run of
+    bytes decodes all-or-nothing (like ByteFallback, but unknown to the detokenizer).
+    """
+
+    def decode(self, ids: list[int], **_: Any) -> str:
+        out, run_bytes = [], bytearray()
+        for i in [*ids, None]:
+            if i is not None and i < 256:
+                run_bytes.append(i)
+                continue
+            if run_bytes:
+                try:
+                    out.append(run_bytes.decode())
+                except UnicodeDecodeError:
+                    out.append("\ufffd" * len(run_bytes))
+                run_bytes.clear()
+            if i is not None:
+                out.append(chr(ord("a") + i - 256))
+        return "".join(out)
+
+
+def test_text_rewritten_by_the_decoder_is_waited_out() -> None:
+    tok = _RunDecoder()
+    zhong = list("中".encode())
+    detok = IncrementalDetokenizer(tok)
+    assert detok.push([256]) == "a"
+    assert [detok.push([b]) for b in zhong] == ["", "", "中"]
+    # The run continues: the released "中" now decodes as U+FFFD until the run is valid.
+    assert [detok.push([b]) for b in zhong] == ["", "", "中"]
+    assert detok.push([257]) == "b"
+    assert detok.finish() == ""
+    assert detok.text == tok.decode([256, *zhong, *zhong, 257])
+
+
 # ---------------------------------------------------------------------------------------
 # Properties over random token sequences
 
@@ -484,9 +544,16 @@ def generations(draw: st.DrawFn, tok: Any) -> tuple[list[list[int]], list[str]]:
     full = tok.decode(ids, skip_special_tokens=True)
     stops: list[str] = []
     for _ in range(draw(st.integers(0, 3))):
-        if full and draw(st.booleans()):
+        kind = draw(st.sampled_from(["substring", "nested", "random"]))
+        if full and kind != "random":
             i = draw(st.integers(0, len(full) - 1))
-            stops.append(full[i : i + draw(st.integers(1, 4))])
+            stop = full[i : i + draw(st.integers(1, 6))]
+            stops.append(stop)
+            if kind == "nested" and len(stop) > 1:
+                # A shorter stop inside a longer one: the longer one starts first, so it
+                # wins whenever it completes, even if the shorter one completes earlier.
+                j = draw(st.integers(1, len(stop) - 1))
+                stops.append(stop[j : j + draw(st.integers(1, len(stop) - j))])
         else:
             stops.append(draw(st.text(alphabet="ab 中😀\ufffd", min_size=1, max_size=3)))
     return chunked(ids, sizes), stops

@@ -28,6 +28,7 @@ end of the stream exact even where incremental decoding had to hold text back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -119,10 +120,8 @@ def _tokenizer_info(tokenizer: Any) -> _TokenizerInfo:
         byte_fallback_ids=_byte_fallback_ids(tokenizer),
         cleans_up_spaces=_cleans_up_spaces(tokenizer),
     )
-    try:
+    with contextlib.suppress(TypeError):  # unhashable or not weak-referenceable: no cache
         _INFO_CACHE[tokenizer] = info
-    except TypeError:  # not weak-referenceable or not hashable: just don't cache
-        pass
     return info
 
 
@@ -221,11 +220,6 @@ class _SpaceCleanup:
         cut = _cleanup_safe_cut(raw)
         self._held = raw[cut:]
         return self._clean(raw[:cut]) if cut else ""
-
-    def flush(self, raw: str = "") -> str:
-        """End of stream: clean and return everything held."""
-        raw, self._held = self._held + raw, ""
-        return self._clean(raw)
 
 
 # --------------------------------------------------------------------------------------
@@ -376,9 +370,7 @@ class IncrementalDetokenizer:
 
     def _holding(self) -> bool:
         """Whether stages 1-2 hold text that the stop search has not seen yet."""
-        return self._read < len(self._ids) or (
-            self._cleanup is not None and self._cleanup.holding
-        )
+        return self._read < len(self._ids) or (self._cleanup is not None and self._cleanup.holding)
 
     def _final_tail(self) -> str:
         """Everything after the text already released by stages 1-2, from a full decode.
@@ -389,18 +381,15 @@ class IncrementalDetokenizer:
         """
         full = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip_special_tokens)
         produced = self.text + self._pending
-        if full.startswith(produced):
-            return full[len(produced) :]
-        # Incremental decoding diverged from a full decode: a decoder whose output
-        # changes beyond the window. What was published cannot be taken back.
-        _log.warning(
-            "incremental detokenization diverged from full decode after %d chars",
-            len(produced),
-        )
-        rest = self._decode(self._ids[self._prefix :])
-        if rest.startswith(self._window_text):
-            rest = rest[len(self._window_text) :]
-        return self._cleanup.flush(rest) if self._cleanup is not None else rest
+        if not full.startswith(produced):
+            # Incremental decoding diverged from a full decode: a decoder whose output
+            # changes beyond the window. Published text cannot be taken back, so this is
+            # best effort; tests treat this warning as a failure.
+            _log.warning(
+                "incremental detokenization diverged from full decode after %d chars",
+                len(produced),
+            )
+        return full[len(produced) :]
 
     # -- stage 3: stop strings --------------------------------------------------------
 

@@ -369,6 +369,8 @@ class Engine:
             status = SeqStatus.FINISHED_LENGTH
         if status is not None:
             text += tracked.detok.finish()
+            if tracked.detok.stopped:  # an overlapping stop can be confirmed only by finish()
+                status = SeqStatus.FINISHED_STOPPED
         seq.published_tokens = len(seq.output_ids)
         tracked.stream.put(
             RequestOutput(seq.request_id, OutputKind.TOKENS, index=index, token_ids=[token], text=text)

@@ -1,0 +1,170 @@
+"""Shared fixtures: a real broker, real model folders, real worker processes (always stopped)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from streamer.broker import EmbeddedBroker
+from streamer.client import StreamerClient
+from streamer.config import KafkaSettings
+from streamer.tiny_model import TinyModelSpec, ensure_tiny_model
+from streamer.topics import apply_topics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _docker_engine_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """KAFKA_BOOTSTRAP_SERVERS if set; else Kafka in Docker (testcontainers) if an engine
+    answers; else the embedded broker on a free port."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    if _docker_engine_answers():
+        try:
+            from testcontainers.kafka import KafkaContainer  # type: ignore[import-not-found]
+        except ImportError:
+            pass
+        else:
+            with KafkaContainer("apache/kafka:3.9.0").with_kraft() as kafka:
+                yield kafka.get_bootstrap_server()
+            return
+    log = tmp_path_factory.mktemp("broker") / "broker.log"
+    with EmbeddedBroker(log_path=log) as broker:
+        yield broker.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
+    return KafkaSettings(bootstrap_servers=kafka_bootstrap)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_dir: Path) -> Path:
+    return ensure_tiny_model(models_dir / "llama", TinyModelSpec(arch="llama"))
+
+
+@pytest.fixture(scope="session")
+def make_model(models_dir: Path) -> Callable[..., Path]:
+    def make(arch: str = "llama", **spec: object) -> Path:
+        name = arch + "".join(f"-{k}{v}" for k, v in sorted(spec.items()))
+        return ensure_tiny_model(models_dir / name, TinyModelSpec(arch=arch, **spec))  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+async def prefix(kafka_settings: KafkaSettings) -> str:
+    """A fresh topic prefix per test, topics applied, so tests never see each other's data."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    await apply_topics(kafka_settings, name)
+    return name
+
+
+@pytest.fixture
+async def client(kafka_settings: KafkaSettings, prefix: str) -> AsyncIterator[StreamerClient]:
+    async with StreamerClient(kafka_settings, prefix) as c:
+        yield c
+
+
+@dataclass
+class WorkerProc:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    name: str
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    @property
+    def metrics_port(self) -> int | None:
+        match = re.search(r'"port": (\d+), "event": "metrics_listening"', self.log())
+        return int(match.group(1)) if match else None
+
+    def wait_for(self, text: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited ({self.process.returncode}):\n"
+                                   + self.log()[-3000:])
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {self.name}: no {text!r} within {timeout}s:\n" + self.log()[-3000:])
+
+    async def await_for(self, text: str, timeout: float = 120.0) -> None:
+        await asyncio.to_thread(self.wait_for, text, timeout)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def start_worker(
+    kafka_bootstrap: str, prefix: str, tiny_model: Path, tmp_path: Path
+) -> Iterator[Callable[..., WorkerProc]]:
+    """Start `streamer worker` processes; every one is stopped at teardown, pass or fail."""
+    started: list[WorkerProc] = []
+
+    def start(*extra: str, model: Path | None = None, wait: bool = True,
+              env: dict[str, str] | None = None) -> WorkerProc:
+        name = f"w{len(started)}"
+        log_path = tmp_path / f"{name}.log"
+        out = open(log_path, "wb")  # noqa: SIM115
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamer.cli", "worker", "--model", str(model or tiny_model),
+             "--prefix", prefix, "--metrics-port", "0", "--worker-id", name,
+             "--bootstrap-servers", kafka_bootstrap, *extra],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "STREAMER_LOG_LEVEL": "INFO", **(env or {})},
+        )
+        out.close()
+        proc = WorkerProc(process, log_path, name)
+        started.append(proc)
+        if wait:
+            proc.wait_for("partitions_assigned")
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()

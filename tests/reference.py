@@ -1,0 +1,46 @@
+"""transformers' own greedy generate(): the reference every engine output is compared with."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+PROMPTS = [
+    f"{subject} {verb} the {thing} number {i}"
+    for i, (subject, verb, thing) in enumerate(
+        [("The cat", "watched", "river"), ("A robot", "counted", "stars"),
+         ("Our team", "shipped", "release"), ("Kafka", "stored", "message"),
+         ("She", "painted", "bridge"), ("The model", "predicted", "token"),
+         ("Nobody", "expected", "storm"), ("We", "measured", "latency")] * 4)
+]
+
+
+@lru_cache(maxsize=8)
+def _load(path: str):  # type: ignore[no-untyped-def]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return tokenizer, model
+
+
+def greedy(path: Path | str, prompt: str, max_new_tokens: int) -> list[int]:
+    """Token ids transformers' greedy generate() produces after the prompt (EOS included)."""
+    tokenizer, model = _load(str(path))
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def greedy_text(path: Path | str, prompt: str, max_new_tokens: int) -> str:
+    tokenizer, _ = _load(str(path))
+    return tokenizer.decode(greedy(path, prompt, max_new_tokens), skip_special_tokens=True)
+
+
+def max_tokens_for(i: int) -> int:
+    """Mixed output lengths, 5..60."""
+    return 5 + (i * 11) % 56
