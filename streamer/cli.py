@@ -58,6 +58,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         "kv_cache_bytes": args.kv_cache_bytes,
         "max_model_len": args.max_model_len,
         "default_max_tokens": args.default_max_tokens,
+        "aging_s": args.aging_s,
     }
     engine_values.update({k: v for k, v in flags.items() if v is not None})
     worker_values = env_overrides(WorkerConfig)
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--kv-cache-bytes", type=int)
             p.add_argument("--max-model-len", type=int)
             p.add_argument("--default-max-tokens", type=int)
+            p.add_argument("--aging-s", type=float, help="waiting seconds that lift a request one lane")
             p.add_argument("--group", help="consumer group (default streamer-workers)")
             p.add_argument("--worker-id", default=None)
             p.add_argument("--group-instance-id", help="static membership id")
@@ -225,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0)
     _add_common(p)
     p.set_defaults(func=cmd_submit)
+
+    from streamer.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
 
     p = sub.add_parser("demo", help="broker, topics, tiny model, two workers, a dozen prompts")
     p.add_argument("--fast", action="store_true", help="fewer tokens (used by the tests)")

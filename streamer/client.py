@@ -66,10 +66,13 @@ class RequestHandle:
         self._outcome: Event | None = None
         self._done = asyncio.Event()
         self.events: list[Event] = []
+        self.duplicate_chunks = 0
 
     # -- fed by the client's reader task
     def _on_chunk(self, chunk: TokenChunk) -> None:
         attempt = self._attempts.setdefault(chunk.attempt, _Attempt())
+        if chunk.index in attempt.chunks:
+            self.duplicate_chunks += 1  # the protocol never re-emits an index within an attempt
         attempt.chunks[chunk.index] = chunk
         if self._current is None:
             self._current = chunk.attempt

@@ -118,6 +118,10 @@ class EngineConfig:
     """Largest max_tokens a request may ask for; None: the model's context length."""
     max_prompt_tokens: int | None = None
     """Longest prompt in tokens; None: max_model_len - 1."""
+    aging_s: float = 30.0
+    """Seconds of waiting that lift a request one lane (against starvation); 0 disables aging."""
+    preemption: bool = True
+    """Preempt lower-lane running sequences when a higher-lane request finds no slot."""
 
     def validate(self) -> None:
         errors = []

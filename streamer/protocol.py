@@ -89,7 +89,8 @@ class GenerationRequest(Struct, frozen=True, kw_only=True, omit_defaults=True):
     temperature: Annotated[float, Meta(ge=0.0)] = 0.0
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Meta(ge=0)] = 0  # 0: disabled
-    seed: int | None = None
+    # torch.Generator.manual_seed overflows past 64 bits; msgspec bounds only to int64.
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
     stop: list[str] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
     deadline_ms: Annotated[int, Meta(ge=0)] | None = None

@@ -8,13 +8,15 @@ tokenizer trained here, in a second or two, on a corpus embedded in this module.
 The weights are random but shaped so that the engine can be checked token for token against
 transformers' greedy ``generate()``:
 
-* Logits are *decisive*: the final RMSNorm gain (``logit_scale``) spreads logits far apart, so the
-  top-1/top-2 gap dwarfs the float noise between batched and unbatched matmuls (see the report in
-  ``tests/test_tiny_model.py``). Every other weight is a plain normal init with ``init_std``.
+* Logits are *decisive*: the final RMSNorm gain (``logit_scale``) spreads logits far apart
+  (std ~45), so typical top-1/top-2 gaps (median ~12) dwarf the float noise between batched and
+  unbatched runs (~2e-4). Float noise scales with the logits, though, and random logits still
+  have rare near-ties; compare engines with `greedy_mismatch`, which forgives only those.
+* Weights are normal with std ``init_std * sqrt(128 / fan_in)``, so all widths behave alike.
 * Nothing is a no-op the engine could silently skip: RMSNorm weights are not all ones and the
   Qwen2 q/k/v biases are non-zero.
-* ``<pad>`` and ``<s>`` are (almost) never predicted; ``</s>`` is a normal token, so greedy runs
-  end now and then but usually run long.
+* ``<pad>``, ``<s>`` and ``<|endoftext|>`` are (almost) never predicted; ``</s>`` is slightly
+  damped (``eos_scale``), so greedy runs occasionally end but usually run long.
 """
 
 from __future__ import annotations
@@ -33,14 +35,20 @@ from typing import Any
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 SPEC_FILE = "streamer_tiny_spec.json"
 # Bump when the recipe (corpus, init, template...) changes, so ensure_tiny_model rebuilds caches.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+# transformers' AutoTokenizer always loads qwen2 folders as Qwen2Tokenizer, which adds this as
+# its unk token; having it in the vocabulary keeps len(tokenizer) == vocab_size.
+QWEN_UNK = "<|endoftext|>"
 # Trained first, so their ids are fixed: pad=0 (what most engines pad with), bos=1, eos=2.
-SPECIAL_TOKENS = (PAD, BOS, EOS)
+SPECIAL_TOKENS = (PAD, BOS, EOS, QWEN_UNK)
+# Qwen2Tokenizer's hard-coded pre-tokenizer split (transformers' tokenization_qwen2.py).
+QWEN2_SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+                     r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # Byte alphabet + specials: the smallest vocabulary a byte-level BPE can have.
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
-_MAX_VOCAB = 8192  # the embedded corpus feeds ~2.9k tokens; the rest are filler tokens
+_MAX_VOCAB = 8192  # the corpus yields ~8k (llama) / ~6.5k (qwen2) tokens; the rest is filler
 _REF_WIDTH = 128  # fan-in at which a weight's init std is exactly init_std
 
 CHAT_TEMPLATE = (
@@ -74,8 +82,9 @@ class TinyModelSpec:
     # Gain of the final RMSNorm: logits spread ~ logit_scale * init_std * sqrt(128) (std ~45).
     # Large on purpose, so top-1/top-2 gaps dwarf absolute float noise (decisive logits).
     logit_scale: float = 40.0
-    # Multiplies the </s> embedding row: < 1 makes EOS rarer, so greedy runs are usually long.
-    eos_scale: float = 1.0
+    # Multiplies the </s> embedding row: < 1 makes EOS rarer. At 0.9 about 1 in 30 greedy runs
+    # of the tiny llama ends within 160 tokens (at 1.0, 7 in 30, some after 2 tokens).
+    eos_scale: float = 0.9
     seed: int = 0
     # Llama only: passed into config.rope_parameters, e.g. {"rope_type": "linear", "factor": 2.0}.
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
@@ -85,10 +94,10 @@ class TinyModelSpec:
         errors: list[str] = []
         if self.arch not in SUPPORTED_ARCHS:
             errors.append(f"arch={self.arch!r} is not one of {SUPPORTED_ARCHS}")
-        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
-                     "intermediate_size", "max_position_embeddings"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                errors.append(f"{name}={getattr(self, name)!r} must be a positive int")
+        sizes = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size",
+                 "max_position_embeddings")
+        errors += [f"{name}={getattr(self, name)!r} must be a positive int" for name in sizes
+                   if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
         if not errors:
             if self.hidden_size % self.num_heads:
                 errors.append(f"hidden_size={self.hidden_size} is not divisible by "
@@ -159,7 +168,7 @@ Error: connection refused (retrying in 5s)... OK: consumer group rebalanced, 12 
 Café, naïve, résumé, jalapeño, Zürich, São Paulo, Kraków. 東京, 北京, 서울. Привет, мир!
 """
 
-_WORDS = """\
+_NOUNS = """
 time person year way day thing man world life hand part child eye woman place work week case
 point government company number group problem fact water room mother area money story month
 lot right study book word business issue side kind head house service friend father power hour
@@ -167,12 +176,16 @@ game line end member law car city community name president team minute idea body
 back parent face others level office door health art war history party result change morning
 reason research girl guy moment air teacher force education food music river garden window
 token model batch stream queue worker request reply partition offset message cache memory layer
+"""
+_VERBS = """
 be have do say get make go know take see come think look want give use find tell ask work seem
 feel try leave call keep let begin help talk turn start show hear play run move like live
 believe hold bring happen write provide sit stand lose pay meet include continue set learn
+"""
+_ADJECTIVES = """
 good new first last long great little own other old right big high different small large next
 early young important few public bad same able quiet bright dark warm cold quick slow happy
-""".split()
+"""
 
 _TEMPLATES = (
     "The {a} {n} will {v} the {n2} {adv}.",
@@ -185,33 +198,59 @@ _TEMPLATES = (
     "We {v} {count}% of the {n}s in {year} and {hour}.{count} seconds.",
 )
 _ADVERBS = ("quickly", "slowly", "carefully", "again", "today", "together", "quietly", "soon")
+# Made-up names feed merges that digits cannot under Qwen's one-digit-per-token split.
+_SYLLABLES = ("ka", "lo", "mi", "ra", "ve", "su", "to", "ni", "be", "za", "or", "el", "an",
+              "ri", "co", "du", "fe", "gi", "ha", "ju", "ste", "qua", "bri", "mon", "tal")
 
 
 def _corpus() -> list[str]:
-    """Embedded text plus ~2k deterministic template sentences (enough merges for 8k vocab)."""
+    """Embedded text plus 4k deterministic template sentences (~200 KB)."""
     rng = random.Random(1234)  # int-seeded random.Random is stable across Python versions
+    nouns, verbs, adjectives = _NOUNS.split(), _VERBS.split(), _ADJECTIVES.split()
     lines = _BASE_TEXT.splitlines()
+    for _ in range(1500):
+        p, p2, p3 = ("".join(rng.choices(_SYLLABLES, k=rng.randint(2, 4))) for _ in range(3))
+        lines.append(f"{p.capitalize()} and {p2} travelled to {p3} with {rng.choice(nouns)}s.")
     for _ in range(2500):
-        a, a2 = rng.sample(_WORDS[-60:], 2)
+        a, a2 = rng.sample(adjectives, 2)
         lines.append(rng.choice(_TEMPLATES).format(
-            a=a, a2=a2, A=a.capitalize(), n=rng.choice(_WORDS[:130]),
-            n2=rng.choice(_WORDS[:130]), v=rng.choice(_WORDS[130:195]),
+            a=a, a2=a2, A=a.capitalize(), n=rng.choice(nouns),
+            n2=rng.choice(nouns), v=rng.choice(verbs),
             adv=rng.choice(_ADVERBS), year=rng.randint(1800, 2030),
             count=rng.randint(0, 999), hour=rng.randint(1, 12)))
     return lines
 
 
-def build_tokenizer(vocab_size: int) -> Any:
+def build_tokenizer(vocab_size: int, arch: str = "llama") -> Any:
     """Train a byte-level BPE (BOS-prepending, with a chat template) as a PreTrainedTokenizerFast.
 
     The vocabulary has exactly `vocab_size` entries, so ids and the model's embedding rows match:
     if the corpus runs out of merges, the rest is filled with plain ``<|extra_N|>`` tokens.
+    llama/mistral get GPT-2 style pre-tokenization: any string round-trips exactly. qwen2 gets
+    what ``AutoTokenizer`` imposes on every qwen2 folder (Qwen2Tokenizer): NFC normalisation and
+    Qwen's split regex, so the saved tokenizer is the one that loads back; like real Qwen2,
+    it round-trips NFC text exactly and other text up to NFC.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if arch == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
@@ -293,10 +332,9 @@ def build_model(spec: TinyModelSpec, *, pad_id: int = 0, bos_id: int = 1, eos_id
                 param.normal_(0.0, spec.init_std * math.sqrt(_REF_WIDTH / fan_in), generator=gen)
         for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
                     }.values():
-            # pad/bos shrunk so they are essentially never predicted; eos per the spec.
-            emb.weight[pad_id].mul_(0.1)
-            emb.weight[bos_id].mul_(0.1)
-            emb.weight[eos_id].mul_(spec.eos_scale)
+            # Other special tokens shrunk so they are essentially never predicted; eos per spec.
+            for token_id in range(len(SPECIAL_TOKENS)):
+                emb.weight[token_id].mul_(spec.eos_scale if token_id == eos_id else 0.1)
     model.generation_config.do_sample = False
     return model.eval()
 
@@ -306,7 +344,7 @@ def build_model(spec: TinyModelSpec, *, pad_id: int = 0, bos_id: int = 1, eos_id
 # --------------------------------------------------------------------------------------------
 
 
-def init_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec(), *,  # noqa: B008
+def init_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec(), *,
                     overwrite: bool = False) -> Path:
     """Write config, random weights (safetensors), tokenizer and generation config to `path`.
 
@@ -314,6 +352,7 @@ def init_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec(), *, 
     into place, so readers (and concurrent `ensure_tiny_model` calls) never see half a model.
     """
     from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
 
     spec.validate()
     path = Path(path)
@@ -323,11 +362,17 @@ def init_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec(), *, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700; other users/containers may read the model
-        tokenizer = build_tokenizer(spec.vocab_size)
+        tokenizer = build_tokenizer(spec.vocab_size, spec.arch)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         model = build_model(spec, pad_id=ids[PAD], bos_id=ids[BOS], eos_id=ids[EOS])
         # transformers >= 5 always writes safetensors (model.safetensors), no pickle.
-        model.save_pretrained(tmp)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar in demo output
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         GenerationConfig(do_sample=False, bos_token_id=ids[BOS], eos_token_id=ids[EOS],
                          pad_token_id=ids[PAD]).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -354,7 +399,7 @@ def saved_spec(path: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def ensure_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:  # noqa: B008
+def ensure_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     """Reuse the model at `path` if it was built from `spec` (and this recipe), else rebuild it."""
     path = Path(path)
     # Round-trip through JSON so tuples/lists in the spec compare like the saved file.
@@ -379,6 +424,8 @@ def greedy_reference(model: Any, input_ids: list[int],
                      max_new_tokens: int) -> tuple[list[int], list[float]]:
     """Transformers' greedy continuation of one prompt, and each step's top-1 minus top-2 logit.
 
+    Generation stops at EOS (the EOS token is included) or after `max_new_tokens`.
+
     The gaps say how robust each token is: an engine whose float noise exceeds a step's gap may
     legitimately pick the other token there (see `greedy_mismatch`).
     """
@@ -387,10 +434,10 @@ def greedy_reference(model: Any, input_ids: list[int],
     ids = torch.tensor([input_ids])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, output_scores=True,
+                             max_new_tokens=max_new_tokens, output_logits=True,
                              return_dict_in_generate=True)
     tokens = out.sequences[0, ids.shape[1]:].tolist()
-    gaps = [float(top[0] - top[1]) for top in (s[0].float().topk(2).values for s in out.scores)]
+    gaps = [float(top[0] - top[1]) for top in (s[0].float().topk(2).values for s in out.logits)]
     return tokens, gaps
 
 

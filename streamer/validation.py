@@ -31,6 +31,8 @@ class RequestLimits:
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
     max_metadata_bytes: int = 16_384
+    max_metadata_depth: int = 32
+    """Nesting of `metadata`; it is re-encoded on events, where deep nesting would overflow."""
     max_messages: int = 512
 
     def validate(self) -> None:
@@ -137,6 +139,12 @@ def _semantic_problem(
                 f"{limits.max_stop_string_chars}"
             )
     if request.metadata is not None:
+        depth = _nesting(request.metadata)
+        if depth > limits.max_metadata_depth:
+            return ErrorCode.INVALID_FIELD, (
+                f"`metadata` is nested {depth} levels deep; limit max_metadata_depth="
+                f"{limits.max_metadata_depth}"
+            )
         size = len(msgspec.json.encode(request.metadata))
         if size > limits.max_metadata_bytes:
             return ErrorCode.INVALID_FIELD, (
@@ -144,6 +152,17 @@ def _semantic_problem(
                 f"{limits.max_metadata_bytes}"
             )
     return None
+
+
+def _nesting(value: object) -> int:
+    """Levels of nested objects/arrays, counted without recursion (the value may be deep)."""
+    depth, level = 0, [value]
+    while True:
+        containers = [v for v in level if isinstance(v, dict | list)]
+        if not containers:
+            return depth
+        depth += 1
+        level = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
 
 
 def _header(headers: Sequence[tuple[str, bytes]], name: str) -> bytes | None:

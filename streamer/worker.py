@@ -282,9 +282,11 @@ class Worker:
             if full and topic not in self._paused:
                 self._paused.add(topic)
                 self.consumer.pause(*tps)
+                self.log.info("lane_paused", topic=topic, waiting=self.config.lane_capacity)
             elif not full and topic in self._paused:
                 self._paused.discard(topic)
                 self.consumer.resume(*tps)
+                self.log.info("lane_resumed", topic=topic)
 
     def _reapply_pauses(self) -> None:
         # aiokafka forgets pauses on rebalance.

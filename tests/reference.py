@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,19 +27,27 @@ def _load(path: str):  # type: ignore[no-untyped-def]
     return tokenizer, model
 
 
-def greedy(path: Path | str, prompt: str, max_new_tokens: int) -> list[int]:
-    """Token ids transformers' greedy generate() produces after the prompt (EOS included)."""
+def greedy(path: Path | str, prompt: str, max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+    """Token ids transformers' greedy generate() produces after the prompt (EOS included).
+
+    ignore_eos: generate on past EOS, as the protocol's `ignore_eos` does (no EOS token set)."""
     tokenizer, model = _load(str(path))
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    config = copy.deepcopy(model.generation_config)
+    config.max_new_tokens = max_new_tokens
+    config.do_sample = False
+    config.pad_token_id = tokenizer.pad_token_id
+    if ignore_eos:
+        config.eos_token_id = None
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return out[0, ids.shape[1]:].tolist()
 
 
-def greedy_text(path: Path | str, prompt: str, max_new_tokens: int) -> str:
+def greedy_text(path: Path | str, prompt: str, max_new_tokens: int, ignore_eos: bool = False) -> str:
     tokenizer, _ = _load(str(path))
-    return tokenizer.decode(greedy(path, prompt, max_new_tokens), skip_special_tokens=True)
+    return tokenizer.decode(greedy(path, prompt, max_new_tokens, ignore_eos),
+                            skip_special_tokens=True)
 
 
 def max_tokens_for(i: int) -> int:

@@ -47,10 +47,9 @@ class Tracked:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, *, aging_s: float = 30.0) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         config.validate()
         self.config = config
-        self.aging_s = aging_s
         self.tokenizer: Any = None
         self.shape: model_lib.ModelShape | None = None
         self.scheduler: Scheduler | None = None
@@ -122,7 +121,8 @@ class Engine:
                 max_num_batched_tokens=cfg.max_num_batched_tokens,
                 num_slots=self.num_slots,
                 num_groups=groups,
-                aging_s=self.aging_s,
+                aging_s=cfg.aging_s,
+                preemption=cfg.preemption,
             )
         )
         ranges = model_lib.split_layers(shape.num_layers, groups, cfg.layer_split)
@@ -191,14 +191,16 @@ class Engine:
         seq = Sequence(request_id, list(prompt_ids), params, priority=priority,
                        arrival=time.monotonic())
         stream = RequestStream(request_id)
-        self.scheduler.add(seq)
-        self._tracked[request_id] = Tracked(
+        # Everything that can raise comes before the scheduler sees the sequence.
+        tracked = Tracked(
             seq=seq,
             stream=stream,
             detok=IncrementalDetokenizer(self.tokenizer, stop=params.stop),
             generator=new_generator(params),
             deadline_s=deadline_ms / 1000 if deadline_ms is not None else None,
         )
+        self.scheduler.add(seq)
+        self._tracked[request_id] = tracked
         self._wakeup.set()
         return stream
 

@@ -8,10 +8,13 @@ Rules (docs/architecture.md explains them):
   decode token or the next chunk of its prompt; then waiting sequences are admitted while a slot,
   `max_num_seqs` and the token budget `max_num_batched_tokens` allow.
 - Waiting order: strict priority across lanes, FIFO within a lane; a request that has waited
-  `aging_s` seconds counts one lane higher (repeatedly), so low lanes are never starved forever.
+  `aging_s` seconds counts one lane higher (repeatedly) and takes its place in that lane by
+  arrival, so low lanes are never starved forever.
 - Preemption: when the next waiting request finds no slot and some running sequence of the group
   is in a strictly lower lane (by lane, not aged), the lowest-lane, most recently started one is
-  preempted: slot freed, prefix recomputed on resume. Aging orders the queue; it never preempts.
+  preempted: slot freed, prefix recomputed on resume. Aging orders the queue; it never preempts,
+  and it shields: a sequence whose aged lane is not strictly below the waiter's aged lane would
+  queue ahead of the waiter again, so it is not preempted for it (no thrashing, no starvation).
 """
 
 from __future__ import annotations
@@ -167,7 +170,10 @@ class Scheduler:
         assert group not in self.in_flight, f"group {group} is already in flight"
         plan = StepPlan(group)
         budget = self.config.max_num_batched_tokens
-        for seq in sorted(self.running[group], key=lambda s: (s.priority, s.arrival)):
+        # Decodes first (one token each, they keep streams flowing), then prefill chunks by lane.
+        order = sorted(self.running[group],
+                       key=lambda s: (s.num_uncomputed > 1, s.priority, s.arrival))
+        for seq in order:
             if budget == 0:
                 break
             budget -= self._plan_item(plan, seq, budget)
@@ -175,7 +181,7 @@ class Scheduler:
             seq = self._peek_waiting(now)
             if seq is None:
                 break
-            if not self._has_room(group) and not self._preempt_for(seq, plan):
+            if not self._has_room(group) and not self._preempt_for(seq, plan, now):
                 break
             self._pop_waiting(seq)
             self._admit(seq, group, now)
@@ -218,7 +224,9 @@ class Scheduler:
         heads = [lane[0] for lane in self.waiting if lane]
         if not heads:
             return None
-        return min(heads, key=lambda s: (self._effective_lane(s, now), s.priority, s.arrival))
+        # FIFO within the aged lane: a lifted request is not put behind that lane's own requests
+        # (it would be, forever, under a steady overload of that lane).
+        return min(heads, key=lambda s: (self._effective_lane(s, now), s.arrival, s.priority))
 
     def _pop_waiting(self, seq: Sequence) -> None:
         popped = self.waiting[seq.priority].popleft()
@@ -238,11 +246,16 @@ class Scheduler:
         seq.slot = None
         seq.group = None
 
-    def _preempt_for(self, waiter: Sequence, plan: StepPlan) -> bool:
+    def _preempt_for(self, waiter: Sequence, plan: StepPlan, now: float) -> bool:
         """Free a slot in plan.group for `waiter` by preempting a lower-lane sequence."""
         if not self.config.preemption:
             return False
-        candidates = [s for s in self.running[plan.group] if s.priority > waiter.priority]
+        lane = self._effective_lane(waiter, now)
+        candidates = [
+            s
+            for s in self.running[plan.group]
+            if s.priority > waiter.priority and self._effective_lane(s, now) > lane
+        ]
         if not candidates:
             return False
         victim = max(candidates, key=lambda s: (s.priority, s.started_at or 0.0, s.arrival))

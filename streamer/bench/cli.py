@@ -1,0 +1,211 @@
+"""`streamer bench engine | serve | compare`: flags and dispatch (the work is in sibling modules).
+
+Results go to files under `--out` (default bench-results/): JSON with everything (machine,
+versions, config, seed, per-system figures), a Markdown summary, and PNG plots for `compare`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from streamer.bench.stats import parse_mix, parse_slo
+
+DEFAULT_OUT = Path("bench-results")
+DEFAULT_SLO = "ttft=500ms,tpot=50ms"
+
+# --quick: a smoke run on the tiny preset that finishes in well under a minute.
+QUICK = {"preset": "tiny", "requests": 8, "prompt_range": (8, 32), "output_range": (4, 16),
+         "ceiling_batches": (4, 8), "sweep_fractions": (0.5, 1.0)}
+FULL = {"preset": "bench", "requests": 96, "prompt_range": (16, 128), "output_range": (16, 160),
+        "ceiling_batches": (16, 32, 64), "sweep_fractions": (0.25, 0.5, 0.75, 1.0, 1.5)}
+
+
+def add_bench_parser(sub: Any) -> None:
+    """Register `streamer bench` and its subcommands on the top-level subparsers."""
+    bench = sub.add_parser("bench", help="benchmarks (results written to files)",
+                           description=__doc__)
+    bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
+    bsub = bench.add_subparsers(dest="bench_command")
+
+    engine = bsub.add_parser("engine", help="engine vs raw-forward ceiling, static batching and "
+                             "HF continuous batching, in one process")
+    add_engine_arguments(engine)
+
+    serve = bsub.add_parser("serve", help="load generator against a running fleet through Kafka")
+    _add_workload(serve, mix_default="normal=1")
+    serve.add_argument("--bootstrap-servers", help="Kafka bootstrap servers "
+                       "(default: $KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")
+    serve.add_argument("--prefix", default=os.environ.get("STREAMER_PREFIX", "llm"),
+                       help="topic prefix (default llm)")
+    serve.add_argument("--tokenizer", help="model folder or hub id whose tokenizer sizes the "
+                       "prompts exactly (without it a prompt of N tokens is N words)")
+    serve.add_argument("--rate", type=float, default=float("inf"),
+                       help="requests per second (default inf: all at once, offline)")
+    serve.add_argument("--burstiness", type=float, default=1.0,
+                       help="gamma shape of the gaps: 1 = Poisson, <1 burstier")
+    serve.add_argument("--max-concurrency", type=int, help="most requests in flight")
+    serve.add_argument("--slo", default=DEFAULT_SLO, help=f"goodput SLO (default {DEFAULT_SLO})")
+    serve.add_argument("--timeout", type=float, default=600.0, help="give up after this many s")
+    serve.add_argument("--no-progress", action="store_true", help="no progress bar")
+    serve.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    serve.set_defaults(func=cmd_serve)
+
+    compare = bsub.add_parser("compare", help="ceiling, engine, fleet via Kafka, static and HF "
+                              "continuous batching on one workload, with plots")
+    _add_engine_options(compare, mix_default="urgent=0.05,high=0.15,normal=0.5,low=0.3")
+    compare.add_argument("--slo", default=DEFAULT_SLO, help=f"goodput SLO (default {DEFAULT_SLO})")
+    compare.add_argument("--sweep", action="store_true",
+                         help="also sweep the fleet's arrival rate (latency-throughput curve)")
+    compare.add_argument("--sweep-fractions", type=_floats,
+                         help="rates as fractions of the offline throughput "
+                         "(default 0.25,0.5,0.75,1,1.5)")
+    compare.set_defaults(func=cmd_compare)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `bench engine` (shared with `python -m streamer.bench.engine`)."""
+    _add_engine_options(parser, mix_default="normal=1")
+    parser.set_defaults(func=cmd_engine)
+
+
+def _add_engine_options(parser: argparse.ArgumentParser, mix_default: str) -> None:
+    _add_workload(parser, mix_default=mix_default)
+    parser.add_argument("--model", help="model folder (default: the preset's offline model "
+                        "under .streamer/models/<preset>)")
+    parser.add_argument("--preset", choices=["tiny", "bench"],
+                        help="offline model preset when --model is not given (default bench)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny preset, 8 short requests, small ceiling batches")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--kv-cache-bytes", type=int)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--static-batch", type=int, default=32)
+    parser.add_argument("--static-window-ms", type=float, default=10.0)
+    parser.add_argument("--ceiling-batches", type=_ints, help="batch sizes to try (default "
+                        "16,32,64)")
+    parser.add_argument("--threads", type=int, help="torch threads here and in the worker "
+                        "(default: torch's own choice)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+
+
+def _add_workload(parser: argparse.ArgumentParser, mix_default: str) -> None:
+    parser.add_argument("--requests", type=int, help="number of requests (default 96)")
+    parser.add_argument("--prompt-range", type=_range, help="prompt tokens LO:HI (default 16:128)")
+    parser.add_argument("--output-range", type=_range, help="output tokens LO:HI (default 16:160)")
+    parser.add_argument("--fixed", type=_range, help="fixed PROMPT:OUTPUT lengths for every "
+                        "request instead of the ranges")
+    parser.add_argument("--mix", default=mix_default, help="lane weights, e.g. "
+                        "urgent=0.05,high=0.15,normal=0.5,low=0.3")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    try:
+        pair = (int(lo), int(hi if sep else lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO:HI, e.g. 16:128") from None
+    if not 1 <= pair[0] <= pair[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= LO <= HI")
+    return pair
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _workload_spec(args: argparse.Namespace, defaults: dict[str, Any], *,
+                   rate: float = float("inf"), burstiness: float = 1.0) -> Any:
+    from streamer.bench.workload import WorkloadSpec
+
+    return WorkloadSpec(
+        num_requests=args.requests or defaults["requests"],
+        prompt_range=args.prompt_range or defaults["prompt_range"],
+        output_range=args.output_range or defaults["output_range"],
+        fixed=args.fixed, mix=tuple(parse_mix(args.mix).items()), rate=rate,
+        burstiness=burstiness, seed=args.seed)
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from streamer.bench.suite import BenchOptions, apply_threads, resolve_model
+
+    defaults = QUICK if args.quick else FULL
+    preset = args.preset or defaults["preset"]
+    apply_threads(args.threads)
+    return BenchOptions(
+        model=resolve_model(args.model, preset), preset=preset if not args.model else "",
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
+        static_batch=args.static_batch, static_window_s=args.static_window_ms / 1000,
+        ceiling_batches=args.ceiling_batches or defaults["ceiling_batches"],
+        threads=args.threads, workload=_workload_spec(args, defaults))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    from streamer.bench.engine import run_engine_bench
+
+    return run_engine_bench(_options(args), args.out)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from streamer.bench.compare import run_compare
+
+    defaults = QUICK if args.quick else FULL
+    fractions = ((args.sweep_fractions or defaults["sweep_fractions"]) if args.sweep else ())
+    return run_compare(_options(args), args.out, slo=parse_slo(args.slo),
+                       sweep_fractions=fractions)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from streamer.bench import report
+    from streamer.bench.results import machine_info
+    from streamer.bench.serve import progress_bar, run_load
+    from streamer.bench.workload import build_workload
+    from streamer.config import KafkaSettings
+
+    slo = parse_slo(args.slo)
+    spec = _workload_spec(args, FULL, rate=args.rate, burstiness=args.burstiness)
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    workload = build_workload(spec, tokenizer)
+    kafka = KafkaSettings.from_env(bootstrap_servers=args.bootstrap_servers)
+    with progress_bar(len(workload.requests), not args.no_progress) as on_done:
+        served = asyncio.run(run_load(kafka, args.prefix, workload, slo=slo,
+                                      max_concurrency=args.max_concurrency,
+                                      timeout_s=args.timeout, on_done=on_done))
+    data = {"benchmark": "serve", "machine": machine_info(), "prefix": args.prefix,
+            "bootstrap_servers": kafka.bootstrap_servers, "workload": spec.to_json(),
+            "seed": args.seed, "max_concurrency": args.max_concurrency,
+            "exact_prompt_lengths": tokenizer is not None, **served.to_json()}
+    groups = {"all": served.overall.to_json(),
+              **{lane: agg.to_json() for lane, agg in served.lanes.items()}}
+    markdown = "\n".join([
+        "# streamer bench serve", "",
+        f"{len(workload.requests)} requests to prefix `{args.prefix}` at "
+        f"{'all at once' if args.rate == float('inf') else f'{args.rate:g} req/s'} "
+        f"(burstiness {args.burstiness:g}), seed {args.seed}; SLO {args.slo}.", "",
+        report.throughput_table(groups), "", report.latency_table(groups),
+        "" if not served.failures else f"\nFailures: {served.failures}"])
+    for path in report.write_results(args.out, "serve", data, markdown):
+        print(f"wrote {path}")
+    print(report.throughput_table(groups))
+    return 0 if not served.failures else 1
+

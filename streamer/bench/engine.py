@@ -1,0 +1,126 @@
+"""`streamer bench engine`: the engine against its ceiling and two baselines, in one process.
+
+Same model, same seeded workload, one after the other in one run: (a) the raw forward-loop
+ceiling, (b) the engine in-process, (c) static micro-batching with `generate()`, (d) transformers'
+continuous batching. Also `python -m streamer.bench.engine [flags]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from streamer.bench import report
+from streamer.bench.ceiling import run_ceiling
+from streamer.bench.hf_cb import run_hf_continuous
+from streamer.bench.inprocess import engine_config, run_engine
+from streamer.bench.results import SystemResult, machine_info
+from streamer.bench.static import run_static
+from streamer.bench.stats import aggregate
+from streamer.bench.suite import (
+    BenchOptions,
+    ceiling_shape,
+    load_hf_model,
+    load_workload,
+    timed_system,
+)
+from streamer.bench.workload import Workload
+
+ENGINE_RATIOS = ("engine/static", "engine/ceiling", "engine/hf_cb")
+
+
+def run_inprocess_systems(options: BenchOptions, workload: Workload, tokenizer: Any,
+                          log: Callable[[str], None], *,
+                          between: Callable[[], None] | None = None) -> dict[str, SystemResult]:
+    """Ceiling, engine, static and HF continuous batching, in that order.
+
+    `between` runs after the engine and before the HF baselines (`bench compare` puts the fleet
+    there, so the two systems it compares most closely run back to back).
+    """
+    model = load_hf_model(options.model)
+    prompt_len, steps = ceiling_shape(workload)
+    systems: dict[str, SystemResult] = {}
+    systems["ceiling"] = timed_system("ceiling", lambda: run_ceiling(
+        model, prompt_len=prompt_len, steps=steps, batch_sizes=options.ceiling_batches,
+        seed=options.workload.seed), log)
+    config = engine_config(options.model, **options.engine_args())
+    systems["engine"] = timed_system(
+        "engine", lambda: asyncio.run(run_engine(config, workload)), log)
+    if between is not None:
+        between()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    systems["static"] = timed_system("static", lambda: run_static(
+        model, workload, pad_id=pad, max_batch=options.static_batch,
+        window_s=options.static_window_s), log)
+    context = options.max_model_len or model.config.max_position_embeddings
+    kv_tokens = options.max_num_seqs * context  # the engine's KV slots, in tokens
+    systems["hf_cb"] = timed_system("hf_cb", lambda: run_hf_continuous(
+        model, workload, max_batch_tokens=options.max_num_batched_tokens,
+        max_requests=options.max_num_seqs, kv_tokens=kv_tokens), log)
+    return systems
+
+
+def engine_markdown(data: dict[str, Any], systems: list[SystemResult]) -> str:
+    engine = data["systems"]["engine"]
+    parts = [
+        "# streamer bench engine",
+        "",
+        f"Model `{data['model']}`, {data['workload']['num_requests']} requests "
+        f"({data['workload_totals']['requested_tokens']} requested tokens, "
+        f"{data['workload_totals']['prompt_tokens']} prompt tokens), seed "
+        f"{data['workload']['seed']}; {data['machine']['cpu_count']} CPUs, torch "
+        f"{data['machine']['torch']} ({data['machine']['torch_threads']} threads), transformers "
+        f"{data['machine']['transformers']}.",
+        "",
+        report.systems_table(systems),
+        "",
+        report.ratios_table(data["ratios"]),
+    ]
+    profile = engine.get("details", {}).get("profile")
+    if profile:
+        parts += ["", "## Where the engine's time goes", "", report.profile_table(profile)]
+    if data.get("engine_latency"):
+        parts += ["", "## Engine latency (in-process, all requests at once)", "",
+                  report.latency_table({"engine": data["engine_latency"]})]
+    return "\n".join(parts)
+
+
+def run_engine_bench(options: BenchOptions, out_dir: Path, log: Callable[[str], None] = print
+                     ) -> int:
+    workload, tokenizer = load_workload(options)
+    log(f"workload: {len(workload.requests)} requests, {workload.requested_tokens} requested "
+        f"tokens, {workload.prompt_tokens} prompt tokens")
+    systems = run_inprocess_systems(options, workload, tokenizer, log)
+    ordered = list(systems.values())
+    data: dict[str, Any] = {
+        "benchmark": "engine", "machine": machine_info(), "model": options.model,
+        "config": options.to_json(), "workload": options.workload.to_json(),
+        "workload_totals": {"requested_tokens": workload.requested_tokens,
+                            "prompt_tokens": workload.prompt_tokens},
+        "seed": options.workload.seed,
+        "systems": {s.name: s.to_json() for s in ordered},
+        "ratios": report.ratios(systems, ENGINE_RATIOS),
+    }
+    engine = systems["engine"]
+    if engine.ok:
+        data["engine_latency"] = aggregate(engine.timings, engine.wall_s).to_json()
+    for path in report.write_results(out_dir, "engine", data, engine_markdown(data, ordered)):
+        log(f"wrote {path}")
+    return 0 if engine.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from streamer.bench.cli import add_engine_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m streamer.bench.engine", description=__doc__)
+    add_engine_arguments(parser)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Shared set-up of the benchmarks: options, the model folder, the workload, in-process systems."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamer.bench.results import SystemResult
+from streamer.bench.workload import Workload, WorkloadSpec, build_workload
+
+DEFAULT_MODELS_DIR = Path(".streamer/models")
+DEFAULT_MIX = "urgent=0.05,high=0.15,normal=0.5,low=0.3"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """One configuration for every system compared (the engine and the fleet's worker alike)."""
+
+    model: str
+    preset: str = "bench"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    kv_cache_bytes: int | None = None
+    max_model_len: int | None = 512
+    static_batch: int = 32
+    static_window_s: float = 0.010
+    ceiling_batches: tuple[int, ...] = (16, 32, 64)
+    threads: int | None = None
+    """torch intra-op threads, in this process and (OMP_NUM_THREADS) in fleet workers."""
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["workload"] = self.workload.to_json()
+        return out
+
+    def engine_args(self) -> dict[str, Any]:
+        return {"max_num_seqs": self.max_num_seqs,
+                "max_num_batched_tokens": self.max_num_batched_tokens,
+                "kv_cache_bytes": self.kv_cache_bytes, "max_model_len": self.max_model_len}
+
+
+def resolve_model(model: str | None, preset: str) -> str:
+    """`model` as given, or the preset's offline model under .streamer/models/<preset>."""
+    if model:
+        return model
+    from streamer.tiny_model import PRESETS, ensure_tiny_model
+
+    return str(ensure_tiny_model(DEFAULT_MODELS_DIR / preset, PRESETS[preset]))
+
+
+def apply_threads(threads: int | None) -> None:
+    """Pin torch's intra-op threads. On a shared machine 2 spinning threads per process can be
+    several times slower than 1; whatever is chosen, every system runs with the same setting."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def worker_env(threads: int | None) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
+
+
+def load_workload(options: BenchOptions) -> tuple[Workload, Any]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(options.model)
+    return build_workload(options.workload, tokenizer), tokenizer
+
+
+def load_hf_model(path: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def timed_system(name: str, fn: Callable[[], SystemResult], log: Callable[[str], None]
+                 ) -> SystemResult:
+    """Run one system, log its figure, and note the machine's load around it (noise hints)."""
+    log(f"running {name} ...")
+    load_before = _loadavg()
+    began = time.monotonic()
+    result = fn()
+    result.details.setdefault("loadavg_before", load_before)
+    result.details.setdefault("loadavg_after", _loadavg())
+    result.details.setdefault("elapsed_including_setup_s", time.monotonic() - began)
+    if result.ok:
+        log(f"  {name}: {result.tokens_per_s:.1f} useful tokens/s "
+            f"({result.useful_tokens} tokens in {result.wall_s:.2f} s)")
+    else:
+        log(f"  {name}: failed: {result.error}")
+    return result
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def ceiling_shape(workload: Workload) -> tuple[int, int]:
+    """Prompt length and decode steps of the ceiling: the workload's means."""
+    n = len(workload.requests)
+    return (round(workload.prompt_tokens / n), round(workload.requested_tokens / n))
