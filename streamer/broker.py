@@ -112,7 +112,8 @@ def _signals_stop() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
-def run_broker(port: int) -> int:
+def run_broker(port: int, *, tls_cert: str | None = None, tls_key: str | None = None,
+               tls_port: int | None = None) -> int:
     """`streamer broker`: run until SIGTERM/SIGINT, printing one ready line."""
     broker = EmbeddedBroker(port=port)
     with _signals_stop() as received:

@@ -28,7 +28,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def cmd_broker(args: argparse.Namespace) -> int:
     from streamer.broker import run_broker
 
-    return run_broker(args.port)
+    return run_broker(args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                      tls_port=args.tls_port)
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
@@ -171,7 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (Tansu)")
     p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--tls-cert", help="PEM certificate: serve TLS through a terminator")
+    p.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    p.add_argument("--tls-port", type=int, help="TLS port (default 9093); clients use SSL there")
     p.set_defaults(func=cmd_broker)
+
+    from streamer.top import add_top_parser
+
+    add_top_parser(sub)
 
     p = sub.add_parser("topics", help="topics as code")
     p.add_argument("action", choices=["apply", "list"])

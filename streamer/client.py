@@ -158,7 +158,7 @@ class StreamerClient:
         self._producer = AIOKafkaProducer(**self.kafka.client_kwargs(), enable_idempotence=False,
                                           linger_ms=0, max_request_size=2_000_000)
         self._consumer = AIOKafkaConsumer(**self.kafka.client_kwargs(), group_id=None,
-                                          enable_auto_commit=False)
+                                          enable_auto_commit=False, fetch_max_wait_ms=20)
         self._handles: dict[str, RequestHandle] = {}
         self._reader: asyncio.Task[None] | None = None
 

@@ -62,7 +62,7 @@ class ControlListener:
         self.cancels = CancelRegistry(window_s)
         self._on_cancel = on_cancel
         self._consumer = AIOKafkaConsumer(**kafka.client_kwargs(), group_id=None,
-                                          enable_auto_commit=False)
+                                          enable_auto_commit=False, fetch_max_wait_ms=50)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
