@@ -68,7 +68,10 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     worker_values.pop("limits", None)
     wflags = {"group_id": args.group, "metrics_port": args.metrics_port,
               "worker_id": args.worker_id, "group_instance_id": args.group_instance_id,
-              "lane_capacity": args.lane_capacity, "prefix": args.prefix}
+              "lane_capacity": args.lane_capacity, "prefix": args.prefix,
+              "log_prompts": True if args.log_prompts else None,
+              "stall_timeout_s": args.stall_timeout_s,
+              "shutdown_grace_s": args.shutdown_grace_s}
     worker_values.update({k: v for k, v in wflags.items() if v is not None})
     config = WorkerConfig(engine=EngineConfig(**engine_values), kafka=_kafka(args), **worker_values)
     config.validate()
@@ -209,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--worker-id", default=None)
             p.add_argument("--group-instance-id", help="static membership id")
             p.add_argument("--lane-capacity", type=int)
+            p.add_argument("--stall-timeout-s", type=float,
+                           help="no step this long with work queued: unhealthy (default 60)")
+            p.add_argument("--shutdown-grace-s", type=float,
+                           help="SIGTERM: time for in-flight work to finish (default 30)")
+            p.add_argument("--log-prompts", action="store_true",
+                           help="log prompt text at debug level (never logged otherwise)")
             p.set_defaults(func=cmd_worker)
         else:
             p.add_argument("--workers", type=int, default=2)

@@ -165,6 +165,10 @@ class WorkerConfig:
     """How long cancels are remembered (and replayed on start)."""
     shutdown_grace_s: float = 30.0
     """On SIGTERM, how long in-flight work may finish before it is handed back uncommitted."""
+    stall_timeout_s: float = 60.0
+    """Work queued but no engine step finished for this long: /healthz fails, stages are logged."""
+    log_prompts: bool = False
+    """Log prompt text (debugging only; prompts are never logged otherwise)."""
     apply_topics: bool = True
     """Create missing topics at start (the embedded broker loses them on restart)."""
 

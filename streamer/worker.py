@@ -59,6 +59,7 @@ class InFlight:
     priority: str
     stream: RequestStream
     prompt_tokens: int
+    tokenize_s: float = 0.0
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex)
     task: asyncio.Task[None] | None = None
 
@@ -97,14 +98,28 @@ class Worker:
         self._assigned = False
         self._stopping = asyncio.Event()
         self._busy_reported = [0.0] * len(config.engine.devices)
+        self._broker_ok = True
+        self._stall: str | None = None
 
     # ------------------------------------------------------------------ health
 
-    def _healthy(self) -> bool:
-        return self.engine.fatal is None
+    def _healthy(self) -> tuple[bool, str]:
+        if self.engine.fatal is not None:
+            return False, f"engine failed: {self.engine.fatal!r}"
+        if self._stall is not None:
+            return False, self._stall
+        return True, "ok"
 
-    def _ready(self) -> bool:
-        return self.engine.scheduler is not None and self._assigned and not self._stopping.is_set()
+    def _ready(self) -> tuple[bool, str]:
+        if self.engine.scheduler is None:
+            return False, "model not loaded"
+        if not self._assigned:
+            return False, "not a member of the consumer group (no partitions assigned)"
+        if not self._broker_ok:
+            return False, "broker unreachable"
+        if self._stopping.is_set():
+            return False, "stopping"
+        return True, "ok"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -141,9 +156,13 @@ class Worker:
         await self.consumer.start()
         self.log.info("worker_started", group=cfg.consumer_group, topics=list(self.lanes))
         committer = asyncio.create_task(self._commit_loop(), name="commit-loop")
+        health = asyncio.create_task(self._health_loop(), name="health-loop")
         try:
             await self._intake_loop()
         finally:
+            health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await health
             await self._shutdown(committer)
 
     @staticmethod
@@ -221,14 +240,19 @@ class Worker:
         if request.deadline_ms is not None and request.deadline_ms <= protocol.now_ms():
             self._spawn(self._terminal_only(record, request, priority, EventType.EXPIRED))
             return
+        if self.config.log_prompts:  # debugging only: prompts are never logged otherwise
+            self.log.debug("request_received", request_id=request.id, prompt=request.prompt,
+                           messages=request.messages)
+        began = time.perf_counter()
         prepared = self._prepare(request)
+        tokenize_s = time.perf_counter() - began
         if isinstance(prepared, Rejection):
             self._spawn(self._reject(record, priority, prepared))
             return
         prompt_ids, params = prepared
         stream = self.engine.add(request.id, prompt_ids, params, priority=lane,
                                  deadline_ms=request.deadline_ms)
-        flight = InFlight(request, record, priority, stream, len(prompt_ids))
+        flight = InFlight(request, record, priority, stream, len(prompt_ids), tokenize_s)
         self._inflight[request.id] = flight
         self._by_record[key] = request.id
         flight.task = self._spawn(self._serve(flight))
@@ -345,6 +369,7 @@ class Worker:
             if out.finish_reason == "revoked":
                 bound.info("request_handed_back")  # no outcome: its offset stays uncommitted
                 return
+            publish_began = time.time()
             await asyncio.gather(*chunk_acks)  # every chunk is acknowledged before the outcome
             event_type = TERMINAL_BY_REASON.get(out.finish_reason or "failed", EventType.FAILED)
             now = time.time()
@@ -374,10 +399,18 @@ class Worker:
             self.offsets.finish(*flight.key)
             self._remember_finished(flight.key)
             self._observe(flight, out, event_type, now, produced_at, first_token_wall)
+            done = time.time()
+            ms = lambda a, b: round(max(0.0, b - a) * 1000, 1) if a and b else None  # noqa: E731
+            # One summary line per request: where its time went.
             bound.info("request_finished", outcome=str(event_type), reason=out.finish_reason,
                        prompt_tokens=out.num_prompt_tokens,
                        completion_tokens=out.num_completion_tokens,
-                       e2e_ms=round((now - produced_at) * 1000, 1))
+                       queue_ms=ms(produced_at, started_wall),
+                       tokenize_ms=round(flight.tokenize_s * 1000, 2),
+                       prefill_ms=ms(started_wall, first_token_wall),
+                       decode_ms=ms(first_token_wall, publish_began),
+                       publish_ms=ms(publish_began, done),
+                       e2e_ms=ms(produced_at, done))
         finally:
             self._inflight.pop(request.id, None)
             self._by_record.pop(flight.key, None)
@@ -439,6 +472,61 @@ class Worker:
         if self.engine.abort(request_id, "cancelled"):
             self.log.info("request_cancelled", request_id=request_id)
 
+    async def _health_loop(self) -> None:
+        """Broker reachability, the stall watchdog, lag and device gauges, once a second."""
+        outage_since: float | None = None
+        last_outage_log = 0.0
+        while True:
+            await asyncio.sleep(1.0)
+            ok = await self.publisher.probe(timeout=3.0)
+            now = time.monotonic()
+            if ok and outage_since is not None:
+                self.log.warning("broker_reachable_again", outage_s=round(now - outage_since, 1))
+                outage_since = None
+            elif not ok:
+                if outage_since is None:
+                    outage_since = now
+                # Once per 30 s, not once per message or reconnect attempt.
+                if now - last_outage_log > 30:
+                    last_outage_log = now
+                    self.log.error("broker_unreachable", outage_s=round(now - outage_since, 1))
+            self._broker_ok = ok
+            self._check_stall(now)
+            ready, _ = self._ready()
+            self.metrics.set_ready(ready)
+            self._refresh_lag()
+            self.metrics.refresh_device_stats(self.config.engine.devices)
+
+    def _check_stall(self, now: float) -> None:
+        scheduler = self.engine.scheduler
+        idle_for = now - self.engine.last_step_at
+        stalled = bool(scheduler and scheduler.has_work and idle_for > self.config.stall_timeout_s)
+        if stalled and self._stall is None:
+            self._stall = f"no engine step for {idle_for:.0f}s with work queued"
+            self.log.error("engine_stalled", idle_s=round(idle_for, 1),
+                           running=scheduler.num_running if scheduler else 0,
+                           waiting=scheduler.num_waiting if scheduler else 0,
+                           stages=self.engine.stage_activity())
+            self.metrics.errors.labels(kind="stall").inc()
+        elif not stalled and self._stall is not None:
+            self.log.warning("engine_stall_cleared")
+            self._stall = None
+
+    def _refresh_lag(self) -> None:
+        """Lag per partition: records past the first unfinished one (what a commit would leave)."""
+        if self.consumer is None:
+            return
+        subscription = self.consumer._subscription.subscription  # noqa: SLF001
+        if subscription is None or subscription.assignment is None:
+            return  # mid-rebalance
+        positions = subscription.assignment.all_consumed_offsets()
+        for tp, position in positions.items():
+            end = self.consumer.highwater(tp)
+            if end is None:
+                continue
+            lag = end - position.offset + self.offsets.pending(tp.topic, tp.partition)
+            self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+
     async def _commit_loop(self) -> None:
         while True:
             await asyncio.sleep(0.5)
@@ -477,6 +565,8 @@ class Worker:
             await asyncio.wait(tasks, timeout=10)
         for topic, partition in keys:
             self.offsets.forget(topic, partition)
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(topic, str(partition))
         self._assigned = False
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:

@@ -165,6 +165,10 @@ class Engine:
             return 0.0
         return self.scheduler.slots_in_use() / self.num_slots
 
+    def stage_activity(self) -> list[str]:
+        """What each stage is doing right now (for the stall watchdog's log line)."""
+        return [s.current for s in self.pipeline.stages] if self.pipeline else []
+
     def stage_busy_seconds(self) -> list[float]:
         return [s.busy_seconds for s in self.pipeline.stages] if self.pipeline else []
 
@@ -258,6 +262,8 @@ class Engine:
                         # Wake for new work, or once a second to check deadlines.
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
+                    # Idle time is not a stall: the watchdog measures from here.
+                    self.last_step_at = time.monotonic()
                     continue
                 began = time.monotonic()
                 _, result = await pipeline.result()

@@ -49,6 +49,16 @@ class Publisher:
             await self._producer.flush()
             await self._producer.stop()
 
+    async def probe(self, timeout: float) -> bool:
+        """Whether the broker answers a metadata request within `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return False
+        return True
+
     async def flush(self) -> None:
         await self._producer.flush()
 

@@ -1,0 +1,163 @@
+"""Metrics, health, watchdog and logs of real workers on a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from reference import PROMPTS
+
+from streamer.broker import EmbeddedBroker
+from streamer.client import StreamerClient
+from streamer.config import EngineConfig, KafkaSettings, WorkerConfig
+from streamer.protocol import EventType
+from streamer.topics import apply_topics
+from streamer.worker import Worker
+
+pytestmark = pytest.mark.kafka
+
+
+def _samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def _sum(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return sum(v for (n, lbl), v in samples.items()
+               if n == name and all(dict(lbl).get(k) == val for k, val in labels.items()))
+
+
+def _status(port: int, path: str) -> int:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_metrics_account_for_every_request(start_worker, client) -> None:
+    worker = start_worker()
+    handles = [await client.submit(p, priority=("urgent", "low")[i % 2], max_tokens=5 + i)
+               for i, p in enumerate(PROMPTS[:10])]
+    await client.produce_raw(b'{"id": "rej", "prompt": "x", "top_p": 7}', priority="high")
+    await client.produce_raw(b"\x00 garbage", priority="high")
+    results = await asyncio.gather(*(h.result(120) for h in handles))
+    rejected = client.follow("rej")
+    await asyncio.sleep(1.0)
+    port = worker.metrics_port
+    assert port is not None
+    samples = _samples(port)
+    completed = [r for r in results if r.outcome.type is EventType.COMPLETED]
+    assert _sum(samples, "streamer_requests_total", outcome="completed") == len(completed) == 10
+    assert _sum(samples, "streamer_requests_total", outcome="rejected", priority="high") == 1
+    assert _sum(samples, "streamer_requests_total", outcome="dlq", priority="high") == 1
+    assert _sum(samples, "streamer_generation_tokens_total") == sum(len(r.token_ids) for r in results)
+    assert _sum(samples, "streamer_prompt_tokens_total") == sum(
+        r.outcome.usage.prompt_tokens for r in completed)
+    for lane, count in (("urgent", 5), ("low", 5)):
+        assert _sum(samples, "streamer_time_to_first_token_seconds_count", priority=lane) == count
+        assert _sum(samples, "streamer_e2e_request_latency_seconds_count", priority=lane) == count
+        assert _sum(samples, "streamer_request_queue_time_seconds_count", priority=lane) == count
+    assert _sum(samples, "streamer_batch_size_count") > 0
+    assert _sum(samples, "streamer_stage_busy_seconds_total", stage="0") > 0
+    assert _sum(samples, "streamer_ready") == 1
+    assert _sum(samples, "streamer_num_requests_running") == 0
+    assert any(n == "streamer_consumer_lag" for n, _ in samples)
+    assert _sum(samples, "process_resident_memory_bytes") > 0
+    del rejected
+
+    # Every log line about a request carries request_id, attempt, worker and priority, and the
+    # summary line breaks the time down by phase. Prompts are never in the log.
+    lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    finished = [line for line in lines if line.get("event") == "request_finished"]
+    assert len(finished) == 10
+    for line in finished:
+        for key in ("request_id", "attempt", "worker", "priority", "queue_ms", "tokenize_ms",
+                    "prefill_ms", "decode_ms", "publish_ms", "e2e_ms"):
+            assert line.get(key) is not None, (key, line)
+    assert not any(PROMPTS[0] in text for text in worker.log().splitlines())
+
+
+async def test_readyz_follows_the_broker(tmp_path: Path, tiny_model: Path) -> None:
+    """A worker process on a broker of its own: stop the broker, /readyz fails; restart, it heals."""
+    broker = EmbeddedBroker(log_path=tmp_path / "broker.log").start()
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamer.cli", "worker", "--model", str(tiny_model),
+             "--metrics-port", "0", "--bootstrap-servers", broker.bootstrap_servers,
+             "--kv-cache-bytes", str(32 << 20)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        port = await _wait(lambda: _port_from_log(log_path), timeout=60)
+        await _wait(lambda: _status(port, "/readyz") == 200 or None, timeout=60)
+        broker.stop()
+        await _wait(lambda: _status(port, "/readyz") == 503 or None, timeout=30)
+        assert _status(port, "/healthz") == 200  # alive, only not ready
+        broker = EmbeddedBroker(port=broker.port, log_path=tmp_path / "broker2.log").start()
+        await apply_topics(KafkaSettings(bootstrap_servers=broker.bootstrap_servers))
+        await _wait(lambda: _status(port, "/readyz") == 200 or None, timeout=90)
+        outage_logs = log_path.read_text().count("broker_unreachable")
+        assert 1 <= outage_logs <= 3  # summarised, not one line per reconnect attempt
+    finally:
+        proc.kill()
+        proc.wait()
+        broker.stop()
+
+
+def _port_from_log(path: Path) -> int | None:
+    match = re.search(r'"port": (\d+), "event": "metrics_listening"', path.read_text())
+    return int(match.group(1)) if match else None
+
+
+async def test_watchdog_flags_a_stalled_stage(kafka_settings, prefix, tiny_model) -> None:
+    config = WorkerConfig(engine=EngineConfig(model=str(tiny_model), kv_cache_bytes=32 << 20),
+                          kafka=kafka_settings, prefix=prefix, metrics_port=0,
+                          worker_id="stall-probe", stall_timeout_s=1.0)
+    worker = Worker(config)
+    task = asyncio.create_task(worker.run())
+    release = threading.Event()
+    try:
+        await _wait(lambda: worker._ready()[0] or None, timeout=60)
+        stage = worker.engine.pipeline.stages[0]
+        real_forward = stage.forward
+
+        def stuck_forward(batch, hidden):  # type: ignore[no-untyped-def]
+            stage.current = "stuck in an artificial stall"
+            release.wait(30)
+            return real_forward(batch, hidden)
+
+        stage.forward = stuck_forward  # type: ignore[method-assign]
+        port = worker.server.port
+        async with StreamerClient(kafka_settings, prefix) as client:
+            handle = await client.submit("stall me", max_tokens=3)
+            await _wait(lambda: _status(port, "/healthz") == 503 or None, timeout=30)
+            assert "no engine step" in (worker._stall or "")
+            release.set()
+            assert (await handle.result(60)).outcome.type is EventType.COMPLETED
+            await _wait(lambda: _status(port, "/healthz") == 200 or None, timeout=30)
+    finally:
+        release.set()
+        worker.request_stop()
+        await asyncio.wait_for(task, 60)
+
+
+async def _wait(probe, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        value = await asyncio.to_thread(probe)
+        if value:
+            return value
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"condition not met within {timeout}s")
