@@ -14,6 +14,8 @@ from pathlib import Path
 
 import structlog
 
+from streamer.broker import free_port
+
 log = structlog.get_logger(__name__)
 
 STATE_FILE = Path(".streamer/fleet.json")
@@ -58,6 +60,9 @@ class Fleet:
         self._write_state()
 
     async def _spawn(self, proc: WorkerProcess) -> None:
+        if not self.base_metrics_port:
+            # A concrete free port, so the state file (read by `streamer top`) names a real one.
+            proc.metrics_port = free_port()
         env = {**os.environ, **self.env, "STREAMER_WORKER_ID": f"worker-{proc.index}"}
         out = None
         if self.log_dir is not None:

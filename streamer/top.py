@@ -330,9 +330,11 @@ def _short(url: str) -> str:
 def _stages(w: WorkerRow) -> Text:
     if not w.stage_busy:
         return Text("-")
+    if not w.stage_busy_live and len(w.stage_busy) == 1:
+        return Text("idle", style="dim")
     text = Text(" ".join(f"s{k} {v * 100:.0f}%" for k, v in w.stage_busy))
     if not w.stage_busy_live:
-        text.append(" (share)", style="dim")
+        text.append(" of busy time", style="dim")
     return text
 
 
@@ -349,20 +351,33 @@ class BacklogReader:
     does. Any Kafka error leaves the consumer closed and is reported; the next read retries.
     """
 
-    def __init__(self, kafka: Any, prefix: str, group: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, kafka: Any, prefix: str, group: str, timeout_s: float = 5.0,
+                 retry_s: float = 10.0) -> None:
         self.kafka = kafka
         self.prefix = prefix
         self.group = group
         self.timeout_s = timeout_s
+        self.retry_s = retry_s
         self._consumer: Any = None
+        self._failed: tuple[float, str] | None = None
 
     async def read(self) -> tuple[dict[str, int] | None, str | None]:
-        """(lane -> backlog, None), or (None, why it is unavailable). Never raises."""
+        """(lane -> backlog, None), or (None, why it is unavailable). Never raises.
+
+        After a failure, reads within ``retry_s`` repeat the error at once instead of waiting on
+        Kafka again, so a black-holed broker does not slow every refresh by ``timeout_s``.
+        """
+        if self._failed is not None and time.monotonic() < self._failed[0]:
+            return None, self._failed[1]
         try:
-            return await asyncio.wait_for(self._read(), self.timeout_s), None
+            result = await asyncio.wait_for(self._read(), self.timeout_s)
         except Exception as exc:  # unreachable, timed out, unknown topic...
             await self.close()
-            return None, _describe(exc, getattr(self.kafka, "bootstrap_servers", ""))
+            error = _describe(exc, getattr(self.kafka, "bootstrap_servers", ""))
+            self._failed = (time.monotonic() + self.retry_s, error)
+            return None, error
+        self._failed = None
+        return result, None
 
     async def _read(self) -> dict[str, int]:
         from aiokafka import AIOKafkaConsumer, TopicPartition

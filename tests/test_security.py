@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import shutil
 import signal
 import ssl
@@ -115,6 +116,24 @@ async def bootstrap_fails(kwargs: dict[str, object]) -> BaseException:
         return info.value
     finally:
         await producer.stop()
+
+
+def start_process(args: list[str], log_path: Path, env: dict[str, str]
+                  ) -> subprocess.Popen[bytes]:
+    """`streamer ARGS` as a child process, output to log_path."""
+    with open(log_path, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "streamer.cli", *args], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **env})
+
+
+def stop_process(process: subprocess.Popen[bytes], grace: float = 30.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 # -- TLS through the terminator (real broker, real clients) ---------------------------------------
@@ -256,6 +275,38 @@ async def test_mutual_tls_client_certificate(tls_files: TlsFiles, tmp_path: Path
         await bootstrap_fails(ssl_settings(broker, tls_files.ca).client_kwargs())
     finally:
         broker.stop()
+
+
+async def test_worker_and_client_over_tls(tls_broker: EmbeddedBroker, tls_files: TlsFiles,
+                                          tiny_model: Path, tmp_path: Path) -> None:
+    """The whole path over TLS: `topics apply`, a `streamer worker` process configured only by
+    STREAMER_KAFKA_* variables, and the client library."""
+    from streamer.client import StreamerClient
+    from streamer.topics import apply_topics
+
+    env = {"STREAMER_KAFKA_SECURITY_PROTOCOL": "SSL", "STREAMER_KAFKA_SSL_CAFILE": tls_files.ca}
+    settings = KafkaSettings.from_env({"KAFKA_BOOTSTRAP_SERVERS": tls_broker.bootstrap_servers,
+                                       **env})
+    prefix = f"s{uuid.uuid4().hex[:8]}"
+    await apply_topics(settings, prefix)
+    log_path = tmp_path / "worker.log"
+    worker = start_process(
+        ["worker", "--model", str(tiny_model), "--prefix", prefix, "--metrics-port", "0",
+         "--worker-id", "tls-worker", "--bootstrap-servers", tls_broker.bootstrap_servers],
+        log_path, {"STREAMER_LOG_LEVEL": "INFO", **env})
+    try:
+        deadline = time.monotonic() + 120
+        while "partitions_assigned" not in log_path.read_text(errors="replace"):
+            assert worker.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+            await asyncio.sleep(0.1)
+        async with StreamerClient(settings, prefix) as client:
+            handle = await client.submit("Hello over TLS", max_tokens=4, temperature=0)
+            result = await handle.result(timeout=60)
+        assert result.outcome.type.value == "completed", result.outcome
+        assert len(result.token_ids) == 4
+    finally:
+        stop_process(worker)
 
 
 def test_stop_closes_both_ports(tls_files: TlsFiles) -> None:

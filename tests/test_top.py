@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,13 +54,16 @@ def busy_worker(name: str = "w7") -> WorkerMetrics:
         m.requests.labels(priority="high", outcome="completed").inc()
     m.requests.labels(priority="low", outcome="failed").inc()
     m.requests.labels(priority="low", outcome="rejected").inc(2)
-    for seconds in (0.04, 0.04, 0.06, 0.09):  # 2 in (0.025, 0.05], 1 in (0.05, 0.075], 1 in (0.075, 0.1]
+    # 2 in (0.025, 0.05], 1 in (0.05, 0.075], 1 in (0.075, 0.1]
+    for seconds in (0.04, 0.04, 0.06, 0.09):
         m.time_to_first_token.labels(priority="high").observe(seconds)
     m.time_to_first_token.labels(priority="low").observe(3.0)
     return m
 
 
-def scrape_of(m: WorkerMetrics, target: str = "http://w7:9400/metrics", at: float = 0.0) -> WorkerScrape:
+def scrape_of(
+    m: WorkerMetrics, target: str = "http://w7:9400/metrics", at: float = 0.0
+) -> WorkerScrape:
     return parse_metrics(render(m).decode(), target, at)
 
 
@@ -220,7 +224,7 @@ def test_frame_names_lanes_workers_and_numbers() -> None:
     assert "completed 4" in text and "failed 1" in text and "rejected 2" in text
     assert "backlog 20" in text
     assert "25%" in text  # KV usage
-    assert "s0 25% s1 75% (share)" in text  # no busy time this window: cumulative shares
+    assert "s0 25% s1 75% of busy time" in text  # idle this window: shares of all busy time
     # lane, backlog, waiting, TTFT p50, TTFT p99, completed, failed, rejected
     assert row_cells(text, "high") == ["high", "2", "1", "50 ms", "99 ms", "4", "0", "0"]
     assert row_cells(text, "low") == ["low", "7", "5", "3.75 s", "4.97 s", "0", "1", "2"]
@@ -270,13 +274,17 @@ async def test_unreachable_worker_and_kafka_do_not_raise() -> None:
                            "streamer-workers", timeout_s=3.0)
     backlog, error = await reader.read()
     assert backlog is None and error
+    began = time.monotonic()
+    assert await reader.read() == (None, error)  # within retry_s: the same answer, at once
+    assert time.monotonic() - began < 0.5
     await reader.close()
 
 
 def test_once_without_anything_running_exits_zero() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "streamer.cli", "top", "--once", "--interval", "0",
-         "--targets", f"127.0.0.1:{free_port()}", "--bootstrap-servers", f"127.0.0.1:{free_port()}"],
+         "--targets", f"127.0.0.1:{free_port()}",
+         "--bootstrap-servers", f"127.0.0.1:{free_port()}"],
         capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "COLUMNS": "160"})
     assert out.returncode == 0, out.stderr
     assert "unreachable" in out.stdout and "backlog unavailable" in out.stdout
@@ -300,7 +308,9 @@ async def test_backlog_counts_records_nobody_consumed(client, kafka_settings, pr
 
 
 @pytest.mark.kafka
-async def test_top_once_against_a_live_worker(start_worker, client, prefix, kafka_bootstrap) -> None:
+async def test_top_once_against_a_live_worker(
+    start_worker, client, prefix, kafka_bootstrap
+) -> None:
     worker = await asyncio.to_thread(start_worker)
     handles = [await client.submit(f"hello {i}", priority=p, max_tokens=4)
                for i, p in enumerate(("high", "high", "normal"))]
@@ -317,6 +327,7 @@ async def test_top_once_against_a_live_worker(start_worker, client, prefix, kafk
         capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "COLUMNS": "160"})
     assert out.returncode == 0, out.stderr
     text = out.stdout
+    print(text)  # shown when the test fails
     assert worker.name in text  # the worker id from streamer_info
     assert "1/1 ready" in text
     assert "completed 3" in text
@@ -324,3 +335,5 @@ async def test_top_once_against_a_live_worker(start_worker, client, prefix, kafk
     assert f"group {prefix}-streamer-workers" in text
     assert row_cells(text, "high")[5] == "2"  # completed in the high lane
     assert row_cells(text, "normal")[5] == "1"
+    # top read the group's offsets without joining the group: no rebalance on the worker.
+    assert worker.log().count("partitions_assigned") == 1, worker.log()[-3000:]

@@ -51,11 +51,10 @@ def _decode_loop(model: Any, batch: int, prompt_len: int, steps: int,
     began = time.perf_counter()
     # Allocated inside the timed region: a real engine pays for its cache too (once, up front).
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + steps)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True,
-                cache_position=torch.arange(prompt_len), logits_to_keep=1)
+    # The cache tracks its own length, so each call continues where the previous one ended.
+    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
-    for step in range(1, steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True,
-                    cache_position=torch.tensor([prompt_len + step - 1]), logits_to_keep=1)
+    for _ in range(1, steps):
+        out = model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     return batch * steps, time.perf_counter() - began

@@ -97,7 +97,7 @@ def _add_workload(parser: argparse.ArgumentParser, mix_default: str) -> None:
     parser.add_argument("--requests", type=int, help="number of requests (default 96)")
     parser.add_argument("--prompt-range", type=_range, help="prompt tokens LO:HI (default 16:128)")
     parser.add_argument("--output-range", type=_range, help="output tokens LO:HI (default 16:160)")
-    parser.add_argument("--fixed", type=_range, help="fixed PROMPT:OUTPUT lengths for every "
+    parser.add_argument("--fixed", type=_pair, help="fixed PROMPT:OUTPUT lengths for every "
                         "request instead of the ranges")
     parser.add_argument("--mix", default=mix_default, help="lane weights, e.g. "
                         "urgent=0.05,high=0.15,normal=0.5,low=0.3")
@@ -115,6 +115,17 @@ def _range(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected LO:HI, e.g. 16:128") from None
     if not 1 <= pair[0] <= pair[1]:
         raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= LO <= HI")
+    return pair
+
+
+def _pair(text: str) -> tuple[int, int]:
+    prompt, _, output = text.partition(":")
+    try:
+        pair = (int(prompt), int(output))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PROMPT:OUTPUT, e.g. 64:128") from None
+    if min(pair) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: both lengths must be >= 1")
     return pair
 
 

@@ -95,7 +95,7 @@ def latency_throughput(points: Sequence[Mapping[str, Any]], path: Path) -> Path:
         axes[0].plot(xs, [p[key] for p in points], marker="o", label=label)
     axes[1].plot(xs, [p["tpot_p50_ms"] for p in points], marker="o", label="TPOT p50")
     for point, x in zip(points, xs, strict=True):
-        axes[0].annotate(f"{point['rate']:.2g}/s", (x, point["ttft_p50_ms"]), fontsize=7)
+        axes[0].annotate(f"{point['rate']:.3g}/s", (x, point["ttft_p50_ms"]), fontsize=7)
     for ax, ylabel in zip(axes, ("TTFT (ms)", "TPOT (ms)"), strict=True):
         ax.set_xlabel("output tokens/s achieved")
         ax.set_ylabel(ylabel)

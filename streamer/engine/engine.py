@@ -64,6 +64,8 @@ class Engine:
         self.last_step_at = time.monotonic()
         self.on_step: Callable[[StepPlan, float], None] | None = None
         self.fatal: BaseException | None = None
+        self.oom_retries = 0
+        self._steps_since_oom = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -268,8 +270,11 @@ class Engine:
                 began = time.monotonic()
                 _, result = await pipeline.result()
                 plan = in_flight.popleft()
+                if isinstance(result, BaseException) and self._retry_smaller(plan, result):
+                    continue
                 scheduler.complete(plan)
                 self._process(plan, result)
+                self._relax_step_cap()
                 self.steps += 1
                 self.last_step_at = time.monotonic()
                 if self.on_step is not None:
@@ -282,6 +287,37 @@ class Engine:
             for tracked in list(self._tracked.values()):
                 self._finish(tracked, SeqStatus.FINISHED_ABORTED, "failed", error=repr(exc))
             raise
+
+    def _retry_smaller(self, plan: StepPlan, error: BaseException) -> bool:
+        """A failed step of several sequences runs again in smaller steps.
+
+        Out of memory halves the sequences per step; any other error runs them one at a time, so
+        a fault that one request triggers fails that request alone. A single-sequence step that
+        fails is final (False)."""
+        assert self.scheduler is not None
+        if len(plan.items) <= 1:
+            return False
+        oom = isinstance(error, (torch.OutOfMemoryError, MemoryError))
+        self.scheduler.abandon(plan)
+        self.scheduler.step_cap = max(1, len(plan.items) // 2) if oom else 1
+        self._steps_since_oom = 0
+        self.oom_retries += oom
+        if oom and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("step_failed_retrying_smaller", error=repr(error)[:300],
+                    sequences=len(plan.items), step_cap=self.scheduler.step_cap)
+        return True
+
+    def _relax_step_cap(self) -> None:
+        """After a run of good steps, double the cap again until it is gone."""
+        scheduler = self.scheduler
+        if scheduler is None or scheduler.step_cap is None:
+            return
+        self._steps_since_oom += 1
+        if self._steps_since_oom >= 16:
+            self._steps_since_oom = 0
+            doubled = scheduler.step_cap * 2
+            scheduler.step_cap = None if doubled >= self.config.max_num_seqs else doubled
 
     def _announce(self, plan: StepPlan) -> None:
         for seq in plan.preempted:

@@ -94,6 +94,8 @@ class Scheduler:
         self._slots_per_group = per_group
         self._by_id: dict[str, Sequence] = {}
         self._next_group = 0
+        self.step_cap: int | None = None
+        """Most sequences per step while backing off after out-of-memory (None: no cap)."""
 
     # ---------------------------------------------------------------- queries
 
@@ -173,11 +175,12 @@ class Scheduler:
         # Decodes first (one token each, they keep streams flowing), then prefill chunks by lane.
         order = sorted(self.running[group],
                        key=lambda s: (s.num_uncomputed > 1, s.priority, s.arrival))
+        cap = self.step_cap or self.config.max_num_seqs
         for seq in order:
-            if budget == 0:
+            if budget == 0 or len(plan.items) >= cap:
                 break
             budget -= self._plan_item(plan, seq, budget)
-        while budget > 0:
+        while budget > 0 and len(plan.items) < cap:
             seq = self._peek_waiting(now)
             if seq is None:
                 break
@@ -193,6 +196,12 @@ class Scheduler:
             return plan if plan.preempted else None
         self.in_flight.add(group)
         return plan
+
+    def abandon(self, plan: StepPlan) -> None:
+        """The step failed without effect (e.g. out of memory): its items will be planned again.
+
+        Their `num_computed` was never advanced, so the retry rewrites the same cache positions."""
+        self.in_flight.discard(plan.group)
 
     def complete(self, plan: StepPlan) -> None:
         """The step ran: its tokens are in the cache. Sampled tokens are appended by the caller."""
