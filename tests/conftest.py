@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from streamer.broker import EmbeddedBroker
 from streamer.client import StreamerClient
@@ -24,6 +25,11 @@ from streamer.tiny_model import TinyModelSpec, ensure_tiny_model
 from streamer.topics import apply_topics
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Tiny models gain nothing from intra-op threads, and with worker processes sharing two cores,
+# OpenMP's spinning threads slow every process down many times over.
+torch.set_num_threads(1)
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "STREAMER_LOG_LEVEL": "INFO"}
 
 
 def _docker_engine_answers() -> bool:
@@ -156,7 +162,7 @@ def start_worker(
              "--prefix", prefix, "--metrics-port", "0", "--worker-id", name,
              "--bootstrap-servers", kafka_bootstrap, *extra],
             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "STREAMER_LOG_LEVEL": "INFO", **(env or {})},
+            env={**os.environ, **WORKER_ENV, **(env or {})},
         )
         out.close()
         proc = WorkerProc(process, log_path, name)

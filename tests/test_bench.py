@@ -265,6 +265,24 @@ def test_ratios_and_tables() -> None:
     assert "no CPU kernel" in report.systems_table([fast, slow, broken])
 
 
+def test_run_rounds_keeps_each_systems_best_round() -> None:
+    from streamer.bench.suite import run_rounds
+
+    calls: list[str] = []
+    figures = {"a": iter([100.0, 300.0, 200.0]), "b": iter([50.0, 40.0, 60.0])}
+
+    def runner(name: str):  # type: ignore[no-untyped-def]
+        def run() -> SystemResult:
+            calls.append(name)
+            return SystemResult(name, name, useful_tokens=int(next(figures[name])), wall_s=1.0)
+        return run
+
+    best = run_rounds({"a": runner("a"), "b": runner("b")}, ["a", "b"], 3, lambda _: None)
+    assert calls == ["a", "b", "b", "a", "a", "b"]  # odd rounds in reverse order
+    assert best["a"].tokens_per_s == 300.0 and best["b"].tokens_per_s == 60.0
+    assert [r["useful_tokens_per_s"] for r in best["a"].details["rounds"]] == [100, 300, 200]
+
+
 def test_cli_has_the_three_subcommands() -> None:
     parser = build_parser()
     for argv in (["bench", "engine", "--quick"], ["bench", "compare", "--quick", "--sweep"],

@@ -32,17 +32,20 @@ async def test_kill_one_of_two_workers_then_add_a_third(start_worker, client, ti
     start_worker("--max-num-seqs", "4")
     await first.await_for("partitions_assigned")
     max_tokens = 160
+    # Off the event loop: blocking it for seconds starves the client's Kafka connections.
+    expected = await asyncio.to_thread(lambda: [
+        greedy_text(tiny_model, PROMPTS[i % len(PROMPTS)] + f" #{i}", max_tokens, ignore_eos=True)
+        for i in range(40)])
     handles = [await client.submit(PROMPTS[i % len(PROMPTS)] + f" #{i}",
                                    priority=protocol.PRIORITIES[i % 4], max_tokens=max_tokens,
                                    ignore_eos=True) for i in range(40)]
-    expected = [greedy_text(tiny_model, PROMPTS[i % len(PROMPTS)] + f" #{i}", max_tokens,
-                            ignore_eos=True) for i in range(40)]
     while not any("w0" in _started_by(h) and not h.done for h in handles):
+        assert not all(h.done for h in handles), "everything finished before the kill"
         await asyncio.sleep(0.01)
     killed_at = time.time()
     first.kill()
     victims = [h for h in handles if "w0" in _started_by(h) and not h.done]
-    start_worker("--max-num-seqs", "4", wait=False)
+    third = start_worker("--max-num-seqs", "4", wait=False)
     results = await asyncio.gather(*(h.result(300) for h in handles))
     resumed_at = min(
         (e.ts for h in victims for e in h.events
@@ -58,6 +61,12 @@ async def test_kill_one_of_two_workers_then_add_a_third(start_worker, client, ti
                            if h in victims)
     for r in results:  # the outcome names the attempt whose chunks were used
         assert r.outcome.attempt == r.attempt
+    # The third worker took partitions and serves its share.
+    await third.await_for("partitions_assigned")
+    await asyncio.sleep(2)
+    later = [await client.submit(f"after the join {i}", max_tokens=4) for i in range(24)]
+    served_by = {(await h.result(120)).outcome.worker for h in later}
+    assert "w2" in served_by, served_by
 
 
 async def test_sigterm_drains_without_loss(start_worker, client, tiny_model) -> None:

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from streamer.bench.results import SystemResult
+from streamer.bench.results import LABELS, SystemResult
 
 
 def run_ceiling(model: Any, *, prompt_len: int, steps: int,
                 batch_sizes: Sequence[int] = (16, 32, 64), seed: int = 0) -> SystemResult:
     """Try each batch size once; the result is the best, every trial is in `details`."""
-    result = SystemResult("ceiling", "raw forward loop (ceiling)")
+    result = SystemResult("ceiling", LABELS["ceiling"])
     trials = []
     try:
         _decode_loop(model, min(batch_sizes), prompt_len, 4, seed)  # warm-up, not timed

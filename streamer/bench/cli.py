@@ -90,6 +90,10 @@ def _add_engine_options(parser: argparse.ArgumentParser, mix_default: str) -> No
                         "16,32,64)")
     parser.add_argument("--threads", type=int, help="torch threads here and in the worker "
                         "(default: torch's own choice)")
+    parser.add_argument("--systems", type=_names, help="only these systems, e.g. "
+                        "ceiling,engine (default: all)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every system, order "
+                        "reversed on odd rounds; the best round of each counts (default 1)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
 
@@ -129,6 +133,16 @@ def _pair(text: str) -> tuple[int, int]:
     return pair
 
 
+def _names(text: str) -> tuple[str, ...]:
+    from streamer.bench.results import LABELS
+
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = sorted(set(names) - set(LABELS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: systems are {', '.join(LABELS)}")
+    return names
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
@@ -161,7 +175,8 @@ def _options(args: argparse.Namespace) -> Any:
         kv_cache_bytes=args.kv_cache_bytes, max_model_len=args.max_model_len,
         static_batch=args.static_batch, static_window_s=args.static_window_ms / 1000,
         ceiling_batches=args.ceiling_batches or defaults["ceiling_batches"],
-        threads=args.threads, workload=_workload_spec(args, defaults))
+        threads=args.threads, repeat=args.repeat, systems=args.systems,
+        workload=_workload_spec(args, defaults))
 
 
 # ----------------------------------------------------------------------------- commands

@@ -9,85 +9,100 @@ of the fleet. Writes compare.json, compare.md and PNG plots to the output folder
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from streamer.bench import plots, report
-from streamer.bench.engine import run_inprocess_systems
-from streamer.bench.local_fleet import local_fleet, worker_args
-from streamer.bench.results import SystemResult, machine_info
-from streamer.bench.serve import ServeResult, run_load
+from streamer.bench import plots, probe, report
+from streamer.bench.engine import inprocess_runners
+from streamer.bench.local_fleet import LocalFleet, local_fleet, worker_args
+from streamer.bench.results import LABELS, SystemResult, machine_info
+from streamer.bench.serve import run_load
 from streamer.bench.stats import aggregate
-from streamer.bench.suite import BenchOptions, load_workload, timed_system, worker_env
+from streamer.bench.suite import BenchOptions, load_workload, run_rounds, worker_env
 from streamer.bench.workload import Workload
 
 COMPARE_RATIOS = ("fleet/static", "fleet/hf_cb", "fleet/engine", "engine/ceiling",
                   "engine/static", "engine/hf_cb")
-DEFAULT_SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.5)
+# The fleet right after the engine: the two systems compared most closely run back to back.
+COMPARE_ORDER = ("ceiling", "engine", "fleet", "static", "hf_cb")
 
 
-async def run_fleet_phase(options: BenchOptions, workload: Workload, *, slo: dict[str, float],
-                          log_dir: Path, sweep_fractions: Sequence[float],
-                          log: Callable[[str], None]) -> tuple[SystemResult, ServeResult | None,
-                                                               list[dict[str, Any]]]:
-    """Start broker + topics + 1 worker, run the offline workload (and the sweep), stop it all."""
-    result = SystemResult("fleet", "fleet via Kafka (1 worker)")
-    served: ServeResult | None = None
-    sweep: list[dict[str, Any]] = []
-    args = worker_args(options.model, **options.engine_args())
+async def run_fleet(options: BenchOptions, workload: Workload, *, slo: dict[str, float],
+                    log_dir: Path, log: Callable[[str], None]) -> SystemResult:
+    """Broker + topics + 1 worker, a short warm-up, the offline workload; everything stopped."""
+    result = SystemResult("fleet", LABELS["fleet"])
     try:
-        async with local_fleet(args, log_dir=log_dir, env=worker_env(options.threads)) as fleet:
+        async with _fleet(options, log_dir) as fleet:
             log(f"  fleet ready (prefix {fleet.prefix}); warming up")
-            warm = Workload(workload.spec, tuple(workload.requests[:4]))
-            await run_load(fleet.kafka, fleet.prefix, _short(warm), slo=slo)
+            await _warm_up(fleet, workload, slo)
+            worker = fleet.fleet.procs[0]
+            ids = (worker.process.pid if worker.process else None,
+                   probe.metrics_port(worker.log_path), fleet.broker_pid)
+            before = await probe.snapshot(*ids)
             served = await run_load(fleet.kafka, fleet.prefix, workload, slo=slo)
-            if sweep_fractions and served.overall.request_throughput > 0:
-                sweep = await _sweep(fleet.kafka, fleet.prefix, workload, slo,
-                                     served.overall.request_throughput, sweep_fractions, log)
+            resources = probe.usage(before, await probe.snapshot(*ids))
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
-    if served is not None:
-        result.timings = served.timings
-        result.wall_s = served.duration_s
-        result.useful_tokens = served.overall.useful_tokens
-        result.details = {"completed": served.overall.completed, "failures": served.failures,
-                          "config": options.engine_args(), "serve": served.to_json()}
-        if served.failures and result.error is None:
-            result.error = f"requests failed: {served.failures}"
-    return result, served, sweep
+        return result
+    result.timings = served.timings
+    result.wall_s = served.duration_s
+    result.useful_tokens = served.overall.useful_tokens
+    result.details = {"completed": served.overall.completed, "failures": served.failures,
+                      "config": options.engine_args(), "cpu": resources,
+                      "serve": served.to_json()}
+    if served.failures:
+        result.error = f"requests failed: {served.failures}"
+    return result
 
 
-def _short(workload: Workload) -> Workload:
-    """The same requests with 8-token completions (warm-up)."""
-    from dataclasses import replace
-
-    return Workload(workload.spec, tuple(replace(r, max_tokens=min(8, r.max_tokens))
-                                         for r in workload.requests))
-
-
-async def _sweep(kafka: Any, prefix: str, workload: Workload, slo: dict[str, float],
-                 capacity_rps: float, fractions: Sequence[float],
-                 log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Poisson arrivals at fractions of the offline request throughput."""
+async def run_sweep(options: BenchOptions, workload: Workload, *, slo: dict[str, float],
+                    capacity_rps: float, fractions: Sequence[float], log_dir: Path,
+                    log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Poisson arrivals at fractions of the offline request throughput, on a fresh fleet."""
     points = []
-    for fraction in fractions:
-        rate = capacity_rps * fraction
-        log(f"  sweep: {rate:.2f} req/s ({fraction:g} x offline throughput)")
-        served = await run_load(kafka, prefix, workload.with_arrivals(rate, 1.0), slo=slo)
-        agg = served.overall
-        points.append({
-            "fraction": fraction, "rate": rate, "completed": agg.completed,
-            "request_throughput": agg.request_throughput,
-            "output_tokens_per_s": agg.output_tokens_per_s,
-            "goodput": agg.goodput, "slo_attainment": agg.slo_attainment,
-            "ttft_p50_ms": 1000 * agg.ttft.p50 if agg.ttft else None,
-            "ttft_p99_ms": 1000 * agg.ttft.p99 if agg.ttft else None,
-            "tpot_p50_ms": 1000 * agg.tpot.p50 if agg.tpot else None,
-            "e2e_p50_ms": 1000 * agg.e2e.p50 if agg.e2e else None,
-        })
+    async with _fleet(options, log_dir) as fleet:
+        await _warm_up(fleet, workload, slo)
+        for fraction in fractions:
+            rate = capacity_rps * fraction
+            log(f"  sweep: {rate:.2f} req/s ({fraction:g} x offline throughput)")
+            load_before = _loadavg()
+            served = await run_load(fleet.kafka, fleet.prefix, workload.with_arrivals(rate, 1.0),
+                                    slo=slo)
+            agg = served.overall
+            points.append({
+                "fraction": fraction, "rate": rate, "completed": agg.completed,
+                "request_throughput": agg.request_throughput,
+                "output_tokens_per_s": agg.output_tokens_per_s,
+                "goodput": agg.goodput, "slo_attainment": agg.slo_attainment,
+                "ttft_p50_ms": 1000 * agg.ttft.p50 if agg.ttft else None,
+                "ttft_p99_ms": 1000 * agg.ttft.p99 if agg.ttft else None,
+                "tpot_p50_ms": 1000 * agg.tpot.p50 if agg.tpot else None,
+                "e2e_p50_ms": 1000 * agg.e2e.p50 if agg.e2e else None,
+                "loadavg_before": load_before, "loadavg_after": _loadavg(),
+            })
     return points
+
+
+def _fleet(options: BenchOptions, log_dir: Path) -> Any:
+    args = worker_args(options.model, **options.engine_args())
+    return local_fleet(args, log_dir=log_dir, env=worker_env(options.threads))
+
+
+async def _warm_up(fleet: LocalFleet, workload: Workload, slo: dict[str, float]) -> None:
+    """Four requests with 8-token completions, untimed (first kernels, producer, consumer)."""
+    warm = tuple(replace(r, max_tokens=min(8, r.max_tokens)) for r in workload.requests[:4])
+    await run_load(fleet.kafka, fleet.prefix, Workload(workload.spec, warm), slo=slo)
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def run_compare(options: BenchOptions, out_dir: Path, *, slo: dict[str, float],
@@ -96,25 +111,22 @@ def run_compare(options: BenchOptions, out_dir: Path, *, slo: dict[str, float],
     workload, tokenizer = load_workload(options)
     log(f"workload: {len(workload.requests)} requests, {workload.requested_tokens} requested "
         f"tokens, {workload.prompt_tokens} prompt tokens; model {options.model}")
-    fleet_out: dict[str, Any] = {}
+    log_dir = out_dir / "logs"
+    runners = inprocess_runners(options, workload, tokenizer)
+    runners["fleet"] = lambda: asyncio.run(run_fleet(options, workload, slo=slo,
+                                                     log_dir=log_dir, log=log))
+    systems = run_rounds(runners, COMPARE_ORDER, options.repeat, log, options.systems)
+    ordered = [systems[name] for name in COMPARE_ORDER]
+    fleet = systems["fleet"]
 
-    def fleet_between() -> None:
-        # Right after the engine, so the two systems compared most closely run back to back.
-        def phase() -> SystemResult:
-            result, served, sweep = asyncio.run(run_fleet_phase(
-                options, workload, slo=slo, log_dir=out_dir / "logs",
-                sweep_fractions=sweep_fractions, log=log))
-            fleet_out.update(served=served, sweep=sweep)
-            return result
-
-        fleet_out["result"] = timed_system("fleet", phase, log)
-
-    systems = run_inprocess_systems(options, workload, tokenizer, log, between=fleet_between)
-    systems["fleet"] = fleet_out["result"]
-    order = ["ceiling", "engine", "fleet", "static", "hf_cb"]
-    ordered = [systems[name] for name in order]
-    served: ServeResult | None = fleet_out.get("served")
-    sweep: list[dict[str, Any]] = fleet_out.get("sweep", [])
+    sweep: list[dict[str, Any]] = []
+    if sweep_fractions and fleet.ok:
+        capacity = fleet.details["serve"]["overall"]["request_throughput"]
+        try:
+            sweep = asyncio.run(run_sweep(options, workload, slo=slo, capacity_rps=capacity,
+                                          fractions=sweep_fractions, log_dir=log_dir, log=log))
+        except Exception as exc:  # the offline figures still stand; say what went wrong
+            log(f"  sweep failed: {type(exc).__name__}: {exc}")
 
     data: dict[str, Any] = {
         "benchmark": "compare", "machine": machine_info(), "model": options.model,
@@ -124,17 +136,17 @@ def run_compare(options: BenchOptions, out_dir: Path, *, slo: dict[str, float],
         "seed": options.workload.seed, "slo_ms": {k: v * 1000 for k, v in slo.items()},
         "systems": {s.name: s.to_json() for s in ordered},
         "ratios": report.ratios(systems, COMPARE_RATIOS),
-        "sweep": sweep, "total_elapsed_s": time.monotonic() - began,
+        "sweep": sweep,
     }
     engine = systems["engine"]
     if engine.ok:
         data["engine_latency"] = aggregate(engine.timings, engine.wall_s, slo).to_json()
     data["plots"] = [p.name for p in _plots(out_dir, ordered, systems, sweep, data)]
-    markdown = compare_markdown(data, ordered, served)
-    for path in report.write_results(out_dir, "compare", data, markdown):
+    data["total_elapsed_s"] = time.monotonic() - began
+    for path in report.write_results(out_dir, "compare", data, compare_markdown(data, ordered)):
         log(f"wrote {path}")
     log(f"done in {data['total_elapsed_s']:.0f} s")
-    return 0 if engine.ok and systems["fleet"].ok else 1
+    return 0 if engine.ok and fleet.ok else 1
 
 
 def _plots(out_dir: Path, ordered: list[SystemResult], systems: dict[str, SystemResult],
@@ -154,9 +166,8 @@ def _plots(out_dir: Path, ordered: list[SystemResult], systems: dict[str, System
     return paths
 
 
-def compare_markdown(data: dict[str, Any], ordered: list[SystemResult],
-                     served: ServeResult | None) -> str:
-    m, w = data["machine"], data["workload"]
+def compare_markdown(data: dict[str, Any], ordered: list[SystemResult]) -> str:
+    m, w, cfg = data["machine"], data["workload"], data["config"]
     parts = [
         "# streamer bench compare",
         "",
@@ -164,9 +175,9 @@ def compare_markdown(data: dict[str, Any], ordered: list[SystemResult],
         f"tokens, outputs {w['output_range']} tokens (ignore_eos), lanes {w['mix']}, seed "
         f"{w['seed']}, all sent at once; {data['workload_totals']['requested_tokens']} requested "
         f"tokens. {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"transformers {m['transformers']}. Engine and worker: "
-        f"max_num_seqs={data['config']['max_num_seqs']}, max_num_batched_tokens="
-        f"{data['config']['max_num_batched_tokens']}.",
+        f"transformers {m['transformers']}. Engine and worker: max_num_seqs="
+        f"{cfg['max_num_seqs']}, max_num_batched_tokens={cfg['max_num_batched_tokens']}. "
+        f"Best of {cfg['repeat']} round(s) per system.",
         "",
         "## Useful tokens/s",
         "",
@@ -174,15 +185,21 @@ def compare_markdown(data: dict[str, Any], ordered: list[SystemResult],
         "",
         report.ratios_table(data["ratios"]),
     ]
-    if served is not None:
-        groups = {"fleet: all": served.overall.to_json(),
-                  **{f"fleet: {lane}": agg.to_json() for lane, agg in served.lanes.items()}}
+    serve = data["systems"]["fleet"].get("details", {}).get("serve")
+    if serve:
+        groups = {"fleet: all": serve["overall"],
+                  **{f"fleet: {lane}": agg for lane, agg in serve["lanes"].items()}}
         if data.get("engine_latency"):
             groups["engine in-process: all"] = data["engine_latency"]
         slo = ", ".join(f"{k} <= {v:g} ms" for k, v in data["slo_ms"].items()) or "none"
         parts += ["", "## Fleet through Kafka, measured by the client", "",
                   f"SLO for goodput: {slo}.", "", report.throughput_table(groups), "",
                   report.latency_table(groups)]
+    engine_cpu = data["systems"]["engine"].get("details", {}).get("cpu")
+    fleet_cpu = data["systems"]["fleet"].get("details", {}).get("cpu")
+    if engine_cpu or fleet_cpu:
+        parts += ["", "## CPU used during the measured window", "",
+                  report.cpu_table(engine_cpu, fleet_cpu)]
     profile = data["systems"]["engine"].get("details", {}).get("profile")
     if profile:
         parts += ["", "## Where the engine's time goes (in-process run)", "",
@@ -190,11 +207,12 @@ def compare_markdown(data: dict[str, Any], ordered: list[SystemResult],
     if data["sweep"]:
         rows = [[f"{p['rate']:.2f}", p["completed"], f"{p['request_throughput']:.2f}",
                  p["output_tokens_per_s"], p["ttft_p50_ms"], p["ttft_p99_ms"], p["tpot_p50_ms"],
-                 f"{100 * p['slo_attainment']:.0f}%" if p["slo_attainment"] is not None else "-"]
+                 f"{100 * p['slo_attainment']:.0f}%" if p["slo_attainment"] is not None else "-",
+                 p["loadavg_before"]]
                 for p in data["sweep"]]
         parts += ["", "## Rate sweep (fleet, Poisson arrivals)", "",
                   report.md_table(["rate req/s", "completed", "req/s", "output tok/s",
-                                   "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "met SLO"], rows)]
+                                   "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "met SLO",
+                                   "load avg"], rows)]
     parts += ["", "Plots: " + ", ".join(f"`{p}`" for p in data["plots"])]
     return "\n".join(parts)
-

@@ -26,42 +26,35 @@ from streamer.bench.suite import (
     ceiling_shape,
     load_hf_model,
     load_workload,
-    timed_system,
+    run_rounds,
 )
 from streamer.bench.workload import Workload
 
 ENGINE_RATIOS = ("engine/static", "engine/ceiling", "engine/hf_cb")
+ENGINE_ORDER = ("ceiling", "engine", "static", "hf_cb")
 
 
-def run_inprocess_systems(options: BenchOptions, workload: Workload, tokenizer: Any,
-                          log: Callable[[str], None], *,
-                          between: Callable[[], None] | None = None) -> dict[str, SystemResult]:
-    """Ceiling, engine, static and HF continuous batching, in that order.
-
-    `between` runs after the engine and before the HF baselines (`bench compare` puts the fleet
-    there, so the two systems it compares most closely run back to back).
-    """
+def inprocess_runners(options: BenchOptions, workload: Workload, tokenizer: Any
+                      ) -> dict[str, Callable[[], SystemResult]]:
+    """One thunk per in-process system (ceiling, engine, static, hf_cb), sharing one HF model."""
     model = load_hf_model(options.model)
     prompt_len, steps = ceiling_shape(workload)
-    systems: dict[str, SystemResult] = {}
-    systems["ceiling"] = timed_system("ceiling", lambda: run_ceiling(
-        model, prompt_len=prompt_len, steps=steps, batch_sizes=options.ceiling_batches,
-        seed=options.workload.seed), log)
     config = engine_config(options.model, **options.engine_args())
-    systems["engine"] = timed_system(
-        "engine", lambda: asyncio.run(run_engine(config, workload)), log)
-    if between is not None:
-        between()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    systems["static"] = timed_system("static", lambda: run_static(
-        model, workload, pad_id=pad, max_batch=options.static_batch,
-        window_s=options.static_window_s), log)
     context = options.max_model_len or model.config.max_position_embeddings
     kv_tokens = options.max_num_seqs * context  # the engine's KV slots, in tokens
-    systems["hf_cb"] = timed_system("hf_cb", lambda: run_hf_continuous(
-        model, workload, max_batch_tokens=options.max_num_batched_tokens,
-        max_requests=options.max_num_seqs, kv_tokens=kv_tokens), log)
-    return systems
+    return {
+        "ceiling": lambda: run_ceiling(model, prompt_len=prompt_len, steps=steps,
+                                       batch_sizes=options.ceiling_batches,
+                                       seed=options.workload.seed),
+        "engine": lambda: asyncio.run(run_engine(config, workload)),
+        "static": lambda: run_static(model, workload, pad_id=pad, max_batch=options.static_batch,
+                                     window_s=options.static_window_s),
+        "hf_cb": lambda: run_hf_continuous(model, workload,
+                                           max_batch_tokens=options.max_num_batched_tokens,
+                                           max_requests=options.max_num_seqs,
+                                           kv_tokens=kv_tokens),
+    }
 
 
 def engine_markdown(data: dict[str, Any], systems: list[SystemResult]) -> str:
@@ -94,8 +87,9 @@ def run_engine_bench(options: BenchOptions, out_dir: Path, log: Callable[[str], 
     workload, tokenizer = load_workload(options)
     log(f"workload: {len(workload.requests)} requests, {workload.requested_tokens} requested "
         f"tokens, {workload.prompt_tokens} prompt tokens")
-    systems = run_inprocess_systems(options, workload, tokenizer, log)
-    ordered = list(systems.values())
+    runners = inprocess_runners(options, workload, tokenizer)
+    systems = run_rounds(runners, ENGINE_ORDER, options.repeat, log, options.systems)
+    ordered = [systems[name] for name in ENGINE_ORDER]
     data: dict[str, Any] = {
         "benchmark": "engine", "machine": machine_info(), "model": options.model,
         "config": options.to_json(), "workload": options.workload.to_json(),

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from streamer.bench.results import SystemResult
+from streamer.bench.results import LABELS, SystemResult
 from streamer.bench.workload import Workload
 
 
@@ -27,7 +27,7 @@ def run_hf_continuous(model: Any, workload: Workload, *, max_batch_tokens: int |
     """Limits like the engine's: `max_batch_tokens` per step, `max_requests` per batch and a
     KV cache of `kv_tokens` tokens. Left to itself on CPU the manager sizes its cache from free
     RAM (gigabytes, allocated page by page, for many seconds) which is set-up, not batching."""
-    result = SystemResult("hf_cb", "transformers continuous batching")
+    result = SystemResult("hf_cb", LABELS["hf_cb"])
     requests = workload.requests
     config = copy.deepcopy(model.generation_config)
     config.do_sample = False

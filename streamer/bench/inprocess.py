@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from streamer.bench.results import SystemResult
+from streamer.bench.results import LABELS, SystemResult
 from streamer.bench.stats import RequestTiming
 from streamer.bench.workload import Workload
 from streamer.config import EngineConfig
@@ -89,7 +89,7 @@ def engine_config(model: str, *, max_num_seqs: int, max_num_batched_tokens: int,
 async def run_engine(config: EngineConfig, workload: Workload, *,
                      warmup_requests: int = 4) -> SystemResult:
     """Submit the workload (at its arrival times) to an in-process engine and time it."""
-    result = SystemResult("engine", "engine in-process")
+    result = SystemResult("engine", LABELS["engine"])
     profile = StepProfile()
     try:
         async with Engine(config) as engine:
@@ -97,7 +97,9 @@ async def run_engine(config: EngineConfig, workload: Workload, *,
             await _warm_up(engine, workload, warmup_requests)
             profile.reset()
             busy_before = sum(engine.stage_busy_seconds())
+            cpu_before = time.process_time()  # every thread of this process
             timings, wall = await _drive(engine, workload)
+            cpu = time.process_time() - cpu_before
             compute = sum(engine.stage_busy_seconds()) - busy_before
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
@@ -110,6 +112,7 @@ async def run_engine(config: EngineConfig, workload: Workload, *,
                                  "kv_cache_bytes": config.kv_cache_bytes,
                                  "max_model_len": config.max_model_len},
                       "completed": sum(t.ok for t in timings),
+                      "cpu": {"wall_s": wall, "process_cpu_s": cpu, "stage_busy_s": compute},
                       "profile": profile.to_json(wall, compute)}
     return result
 

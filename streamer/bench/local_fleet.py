@@ -24,6 +24,7 @@ class LocalFleet:
     kafka: KafkaSettings
     prefix: str
     fleet: Fleet
+    broker_pid: int | None
 
 
 def worker_args(model: str, *, max_num_seqs: int, max_num_batched_tokens: int,
@@ -58,7 +59,8 @@ async def local_fleet(engine_args: list[str], *, log_dir: Path, workers: int = 1
                       state_file=None)  # never overwrite the state of a fleet the user runs
         await fleet.start()
         await wait_until_consuming(fleet, within_s=start_timeout_s)
-        yield LocalFleet(kafka, prefix, fleet)
+        yield LocalFleet(kafka, prefix, fleet,
+                         broker.process.pid if broker.process is not None else None)
     finally:
         if fleet is not None:
             await fleet.stop(timeout=30)

@@ -30,7 +30,8 @@ def throughput_bars(systems: Sequence[SystemResult], path: Path, title: str) -> 
     values = [s.tokens_per_s or 0.0 for s in systems]
     bars = ax.barh(labels, values, color=["#4c72b0" if s.ok else "#cccccc" for s in systems])
     for bar, system in zip(bars, systems, strict=True):
-        text = f"{system.tokens_per_s:.0f}" if system.ok else "failed"
+        text = (f"{system.tokens_per_s:.0f}" if system.ok
+                else "skipped" if system.error and system.error.startswith("skipped") else "failed")
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {text}", va="center")
     ax.invert_yaxis()
     ax.set_xlabel("useful tokens/s (higher is better)")

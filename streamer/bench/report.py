@@ -50,11 +50,12 @@ def systems_table(systems: Sequence[SystemResult]) -> str:
     rows = []
     for s in systems:
         vs = ratio(s, ceiling) if ceiling is not None else None
+        rounds = " / ".join(fmt(r["useful_tokens_per_s"], 0) for r in s.details.get("rounds", []))
         rows.append([s.label, s.useful_tokens if s.ok else None, s.wall_s if s.ok else None,
-                     s.tokens_per_s, f"{vs:.2f}" if vs is not None else "-",
+                     s.tokens_per_s, f"{vs:.2f}" if vs is not None else "-", rounds or "-",
                      s.error or ""])
-    return md_table(["system", "useful tokens", "wall s", "useful tokens/s", "x ceiling", "error"],
-                    rows)
+    return md_table(["system", "useful tokens", "wall s", "useful tokens/s", "x ceiling",
+                     "every round, tok/s", "error"], rows)
 
 
 def ratios_table(measured: Mapping[str, float | None]) -> str:
@@ -117,3 +118,22 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, tuple | set):
         return list(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def cpu_table(engine_cpu: Mapping[str, Any] | None, fleet_cpu: Mapping[str, Any] | None) -> str:
+    """CPU seconds of the in-process engine against those of every process on the Kafka path.
+
+    "stage busy" is wall time inside the stage's forward; above the process's CPU seconds it
+    means the stage thread was waiting for a core.
+    """
+    rows = []
+    if engine_cpu:
+        rows.append(["engine in-process", engine_cpu["wall_s"], engine_cpu["stage_busy_s"],
+                     engine_cpu["process_cpu_s"], None, None, engine_cpu["process_cpu_s"]])
+    if fleet_cpu:
+        parts = [fleet_cpu.get(k) for k in ("worker_cpu_s", "broker_cpu_s", "client_cpu_s")]
+        total = sum(p for p in parts if p is not None)
+        rows.append(["fleet via Kafka", fleet_cpu["wall_s"], fleet_cpu.get("worker_stage_busy_s"),
+                     *parts, total])
+    return md_table(["run", "wall s", "stage busy s (wall)", "engine/worker CPU s",
+                     "broker CPU s", "load generator CPU s", "total CPU s"], rows)

@@ -10,6 +10,14 @@ from typing import Any
 
 from streamer.bench.stats import RequestTiming
 
+LABELS = {
+    "ceiling": "raw forward loop (ceiling)",
+    "engine": "engine in-process",
+    "fleet": "fleet via Kafka (1 worker)",
+    "static": "static micro-batching",
+    "hf_cb": "transformers continuous batching",
+}
+
 
 @dataclass
 class SystemResult:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamer.bench.results import SystemResult
+from streamer.bench.results import LABELS, SystemResult
 from streamer.bench.workload import Workload, WorkloadSpec, build_workload
 
 DEFAULT_MODELS_DIR = Path(".streamer/models")
@@ -31,6 +31,10 @@ class BenchOptions:
     ceiling_batches: tuple[int, ...] = (16, 32, 64)
     threads: int | None = None
     """torch intra-op threads, in this process and (OMP_NUM_THREADS) in fleet workers."""
+    repeat: int = 1
+    """Rounds of every system (order reversed on odd rounds); each system's best round counts."""
+    systems: tuple[str, ...] | None = None
+    """Only these systems (None: all of them)."""
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
 
     def to_json(self) -> dict[str, Any]:
@@ -109,3 +113,39 @@ def ceiling_shape(workload: Workload) -> tuple[int, int]:
     """Prompt length and decode steps of the ceiling: the workload's means."""
     n = len(workload.requests)
     return (round(workload.prompt_tokens / n), round(workload.requested_tokens / n))
+
+
+SKIPPED = "skipped (--systems)"
+
+
+def run_rounds(runners: dict[str, Callable[[], SystemResult]], order: Sequence[str], repeat: int,
+               log: Callable[[str], None], selected: Collection[str] | None = None
+               ) -> dict[str, SystemResult]:
+    """Run every (selected) system `repeat` times and keep each one's best round.
+
+    On a shared machine other work only ever slows a run down, so the fastest of several rounds
+    is the least disturbed one. Odd rounds run in reverse order, so no system always runs at
+    the same point of a slow drift. Every round's figure stays in `details["rounds"]`.
+    """
+    skipped = [name for name in order if selected is not None and name not in selected]
+    order = [name for name in order if name not in skipped]
+    rounds: dict[str, list[SystemResult]] = {name: [] for name in order}
+    for index in range(max(1, repeat)):
+        names = list(order) if index % 2 == 0 else list(reversed(order))
+        if repeat > 1:
+            log(f"round {index + 1}/{repeat}: {', '.join(names)}")
+        for name in names:
+            rounds[name].append(timed_system(name, runners[name], log))
+    best: dict[str, SystemResult] = {}
+    for name in order:
+        results = rounds[name]
+        ok = [r for r in results if r.ok]
+        chosen = max(ok, key=lambda r: r.tokens_per_s or 0.0) if ok else results[-1]
+        chosen.details["rounds"] = [
+            {"useful_tokens_per_s": r.tokens_per_s, "wall_s": r.wall_s, "error": r.error,
+             "loadavg_before": r.details.get("loadavg_before"),
+             "loadavg_after": r.details.get("loadavg_after")} for r in results]
+        best[name] = chosen
+    for name in skipped:
+        best[name] = SystemResult(name, LABELS.get(name, name), error=SKIPPED)
+    return best
