@@ -19,17 +19,23 @@ def _kafka(args: argparse.Namespace) -> KafkaSettings:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers "
-                        "(default: $KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")
-    parser.add_argument("--prefix", default=os.environ.get("STREAMER_PREFIX", "llm"),
-                        help="topic prefix (default llm)")
+    parser.add_argument(
+        "--bootstrap-servers",
+        help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:9092)",
+    )
+    parser.add_argument(
+        "--prefix",
+        default=os.environ.get("STREAMER_PREFIX", "llm"),
+        help="topic prefix (default llm)",
+    )
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
     from streamer.broker import run_broker
 
-    return run_broker(args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                      tls_port=args.tls_port)
+    return run_broker(
+        args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_port=args.tls_port
+    )
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
@@ -37,8 +43,11 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
     if args.action == "list":
         for spec in load_specs(args.prefix):
-            print(f"{spec.name:28} partitions={spec.partitions:<3} retention_ms={spec.retention_ms:<11}"
-                  f" {spec.purpose}")
+            print(
+                f"{spec.name:28} partitions={spec.partitions:<3} "
+                f"retention_ms={spec.retention_ms:<11}"
+                f" {spec.purpose}"
+            )
         return 0
     report = asyncio.run(apply_topics(_kafka(args), args.prefix, args.replication_factor))
     for line in report.lines():
@@ -52,7 +61,9 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     flags = {
         "model": args.model,
         "devices": tuple(args.devices.split(",")) if args.devices else None,
-        "layer_split": tuple(int(x) for x in args.layer_split.split(",")) if args.layer_split else None,
+        "layer_split": tuple(int(x) for x in args.layer_split.split(","))
+        if args.layer_split
+        else None,
         "dtype": args.dtype,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -66,12 +77,17 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     worker_values.pop("engine", None)
     worker_values.pop("kafka", None)
     worker_values.pop("limits", None)
-    wflags = {"group_id": args.group, "metrics_port": args.metrics_port,
-              "worker_id": args.worker_id, "group_instance_id": args.group_instance_id,
-              "lane_capacity": args.lane_capacity, "prefix": args.prefix,
-              "log_prompts": True if args.log_prompts else None,
-              "stall_timeout_s": args.stall_timeout_s,
-              "shutdown_grace_s": args.shutdown_grace_s}
+    wflags = {
+        "group_id": args.group,
+        "metrics_port": args.metrics_port,
+        "worker_id": args.worker_id,
+        "group_instance_id": args.group_instance_id,
+        "lane_capacity": args.lane_capacity,
+        "prefix": args.prefix,
+        "log_prompts": True if args.log_prompts else None,
+        "stall_timeout_s": args.stall_timeout_s,
+        "shutdown_grace_s": args.shutdown_grace_s,
+    }
     worker_values.update({k: v for k, v in wflags.items() if v is not None})
     config = WorkerConfig(engine=EngineConfig(**engine_values), kafka=_kafka(args), **worker_values)
     config.validate()
@@ -117,14 +133,23 @@ def cmd_model(args: argparse.Namespace) -> int:
     from streamer.tiny_model import PRESETS, init_tiny_model
 
     spec = PRESETS[args.preset]
-    overrides = {k: v for k, v in {"arch": args.arch, "num_layers": args.layers,
-                                   "hidden_size": args.hidden}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "arch": args.arch,
+            "num_layers": args.layers,
+            "hidden_size": args.hidden,
+        }.items()
+        if v is not None
+    }
     if overrides:
         import dataclasses
 
         spec = dataclasses.replace(spec, **overrides)
     path = init_tiny_model(args.dir, spec, overwrite=args.overwrite)
-    print(f"wrote {spec.arch} model ({spec.num_layers} layers, hidden {spec.hidden_size}) to {path}")
+    print(
+        f"wrote {spec.arch} model ({spec.num_layers} layers, hidden {spec.hidden_size}) to {path}"
+    )
     return 0
 
 
@@ -152,12 +177,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
             result = await handle.result(timeout=args.timeout)
             outcome = result.outcome
             ttft = f"{(first - began) * 1000:.0f} ms" if first else "-"
-            print(f"\n[{outcome.type} id={handle.request_id} priority={args.priority} "
-                  f"tokens={outcome.usage.completion_tokens if outcome.usage else 0} "
-                  f"finish={outcome.finish_reason or '-'} ttft={ttft} "
-                  f"total={(time.monotonic() - began) * 1000:.0f} ms"
-                  + (f" error={outcome.error.code}: {outcome.error.message}" if outcome.error else "")
-                  + "]")
+            print(
+                f"\n[{outcome.type} id={handle.request_id} priority={args.priority} "
+                f"tokens={outcome.usage.completion_tokens if outcome.usage else 0} "
+                f"finish={outcome.finish_reason or '-'} ttft={ttft} "
+                f"total={(time.monotonic() - began) * 1000:.0f} ms"
+                + (f" error={outcome.error.code}: {outcome.error.message}" if outcome.error else "")
+                + "]"
+            )
             return 0 if outcome.type is protocol.EventType.COMPLETED else 1
 
     return asyncio.run(main())
@@ -191,10 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_topics)
 
     for name in ("worker", "fleet"):
-        p = sub.add_parser(name, help="serve requests" if name == "worker" else
-                           "run N worker processes in one group, restarting any that die")
-        p.add_argument("--model", default=os.environ.get("STREAMER_MODEL"),
-                       help="Hugging Face model folder or id")
+        p = sub.add_parser(
+            name,
+            help="serve requests"
+            if name == "worker"
+            else "run N worker processes in one group, restarting any that die",
+        )
+        p.add_argument(
+            "--model",
+            default=os.environ.get("STREAMER_MODEL"),
+            help="Hugging Face model folder or id",
+        )
         p.add_argument("--devices", help="pipeline stages, e.g. cpu | cpu,cpu | cuda:0,cuda:1")
         p.add_argument("--metrics-port", type=int, help="Prometheus port (0: pick a free one)")
         p.add_argument("--log-level", default=os.environ.get("STREAMER_LOG_LEVEL", "INFO"))
@@ -207,17 +241,28 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--kv-cache-bytes", type=int)
             p.add_argument("--max-model-len", type=int)
             p.add_argument("--default-max-tokens", type=int)
-            p.add_argument("--aging-s", type=float, help="waiting seconds that lift a request one lane")
+            p.add_argument(
+                "--aging-s", type=float, help="waiting seconds that lift a request one lane"
+            )
             p.add_argument("--group", help="consumer group (default streamer-workers)")
             p.add_argument("--worker-id", default=None)
             p.add_argument("--group-instance-id", help="static membership id")
             p.add_argument("--lane-capacity", type=int)
-            p.add_argument("--stall-timeout-s", type=float,
-                           help="no step this long with work queued: unhealthy (default 60)")
-            p.add_argument("--shutdown-grace-s", type=float,
-                           help="SIGTERM: time for in-flight work to finish (default 30)")
-            p.add_argument("--log-prompts", action="store_true",
-                           help="log prompt text at debug level (never logged otherwise)")
+            p.add_argument(
+                "--stall-timeout-s",
+                type=float,
+                help="no step this long with work queued: unhealthy (default 60)",
+            )
+            p.add_argument(
+                "--shutdown-grace-s",
+                type=float,
+                help="SIGTERM: time for in-flight work to finish (default 30)",
+            )
+            p.add_argument(
+                "--log-prompts",
+                action="store_true",
+                help="log prompt text at debug level (never logged otherwise)",
+            )
             p.set_defaults(func=cmd_worker)
         else:
             p.add_argument("--workers", type=int, default=2)

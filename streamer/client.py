@@ -102,7 +102,9 @@ class RequestHandle:
     def _emit_ready(self, attempt: _Attempt) -> None:
         while attempt.emitted_to in attempt.chunks:
             chunk = attempt.chunks[attempt.emitted_to]
-            self._updates.put_nowait(Update(UpdateKind.TEXT, text=chunk.text, attempt=chunk.attempt))
+            self._updates.put_nowait(
+                Update(UpdateKind.TEXT, text=chunk.text, attempt=chunk.attempt)
+            )
             attempt.emitted_to += max(1, len(chunk.token_ids))
 
     def _maybe_done(self) -> None:
@@ -155,10 +157,18 @@ class StreamerClient:
     def __init__(self, kafka: KafkaSettings | None = None, prefix: str = "llm") -> None:
         self.kafka = kafka or KafkaSettings.from_env()
         self.prefix = prefix
-        self._producer = AIOKafkaProducer(**self.kafka.client_kwargs(), enable_idempotence=False,
-                                          linger_ms=0, max_request_size=2_000_000)
-        self._consumer = AIOKafkaConsumer(**self.kafka.client_kwargs(), group_id=None,
-                                          enable_auto_commit=False, fetch_max_wait_ms=20)
+        self._producer = AIOKafkaProducer(
+            **self.kafka.client_kwargs(),
+            enable_idempotence=False,
+            linger_ms=0,
+            max_request_size=2_000_000,
+        )
+        self._consumer = AIOKafkaConsumer(
+            **self.kafka.client_kwargs(),
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=20,
+        )
         self._handles: dict[str, RequestHandle] = {}
         self._reader: asyncio.Task[None] | None = None
 
@@ -169,7 +179,7 @@ class StreamerClient:
         for topic in (protocol.tokens_topic(self.prefix), protocol.events_topic(self.prefix)):
             partitions = self._consumer.partitions_for_topic(topic)
             if not partitions:
-                await self._consumer._client.force_metadata_update()  # noqa: SLF001
+                await self._consumer._client.force_metadata_update()
                 partitions = self._consumer.partitions_for_topic(topic)
             if not partitions:
                 raise RuntimeError(f"topic {topic} does not exist: run `streamer topics apply`")
@@ -211,20 +221,34 @@ class StreamerClient:
             raise ValueError(f"priority {priority!r}; expected one of {protocol.PRIORITIES}")
         request_id = request_id or uuid.uuid4().hex
         request = msgspec.convert(
-            {"id": request_id, "prompt": prompt, "messages": messages, **fields}, GenerationRequest)
+            {"id": request_id, "prompt": prompt, "messages": messages, **fields}, GenerationRequest
+        )
         handle = RequestHandle(request_id)
         self._handles[request_id] = handle
-        await self.produce_raw(protocol.encode(request), priority=priority, key=request_id.encode(),
-                               headers=headers)
+        await self.produce_raw(
+            protocol.encode(request), priority=priority, key=request_id.encode(), headers=headers
+        )
         return handle
 
-    async def produce_raw(self, value: bytes, *, priority: str = "normal", key: bytes | None = None,
-                          headers: list[tuple[str, bytes]] | None = None) -> None:
+    async def produce_raw(
+        self,
+        value: bytes,
+        *,
+        priority: str = "normal",
+        key: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
         """Produce arbitrary bytes to a request topic (tests and tools)."""
-        out = [("content-type", b"application/json"),
-               (protocol.PROTOCOL_HEADER, str(protocol.PROTOCOL_VERSION).encode())]
-        await self._producer.send_and_wait(protocol.request_topic(self.prefix, priority), value,
-                                           key=key, headers=out + list(headers or []))
+        out = [
+            ("content-type", b"application/json"),
+            (protocol.PROTOCOL_HEADER, str(protocol.PROTOCOL_VERSION).encode()),
+        ]
+        await self._producer.send_and_wait(
+            protocol.request_topic(self.prefix, priority),
+            value,
+            key=key,
+            headers=out + list(headers or []),
+        )
 
     def follow(self, request_id: str) -> RequestHandle:
         """Follow a request produced elsewhere (from now on)."""
@@ -232,8 +256,9 @@ class StreamerClient:
 
     async def cancel(self, request_id: str) -> None:
         message = protocol.ControlMessage(type="cancel", request_id=request_id)
-        await self._producer.send_and_wait(protocol.control_topic(self.prefix),
-                                           protocol.encode(message), key=request_id.encode())
+        await self._producer.send_and_wait(
+            protocol.control_topic(self.prefix), protocol.encode(message), key=request_id.encode()
+        )
 
     async def _read(self) -> None:
         tokens_topic = protocol.tokens_topic(self.prefix)

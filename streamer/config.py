@@ -44,7 +44,8 @@ class KafkaSettings:
             raise ValueError("bootstrap_servers must not be empty")
         if self.security_protocol not in SECURITY_PROTOCOLS:
             raise ValueError(
-                f"security_protocol={self.security_protocol!r}; expected one of {SECURITY_PROTOCOLS}"
+                f"security_protocol={self.security_protocol!r}; "
+                f"expected one of {SECURITY_PROTOCOLS}"
             )
         if self.security_protocol.startswith("SASL"):
             if self.sasl_mechanism not in SASL_MECHANISMS:
@@ -107,7 +108,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     """Token budget of one step: prefill chunks plus one token per decoding sequence."""
     kv_cache_bytes: int | None = None
-    """KV-cache budget in bytes; None uses kv_cache_fraction of device memory (CUDA) or 1 GiB (CPU)."""
+    """KV-cache budget in bytes; None: kv_cache_fraction of GPU memory, or 1 GiB on CPU."""
     kv_cache_fraction: float = 0.5
     """Fraction of free device memory for the KV cache when kv_cache_bytes is None (CUDA)."""
     max_model_len: int | None = None
@@ -130,12 +131,16 @@ class EngineConfig:
         if not self.devices:
             errors.append("devices must name at least one device")
         if self.layer_split is not None and len(self.layer_split) != len(self.devices):
-            errors.append(f"layer_split={self.layer_split} needs one entry per device {self.devices}")
+            errors.append(
+                f"layer_split={self.layer_split} needs one entry per device {self.devices}"
+            )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             errors.append(f"dtype={self.dtype!r}; expected auto, float32, bfloat16 or float16")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "default_max_tokens"):
-            if getattr(self, name) < 1:
-                errors.append(f"{name}={getattr(self, name)} must be >= 1")
+        errors += [
+            f"{name}={getattr(self, name)} must be >= 1"
+            for name in ("max_num_seqs", "max_num_batched_tokens", "default_max_tokens")
+            if getattr(self, name) < 1
+        ]
         if not 0 < self.kv_cache_fraction <= 1:
             errors.append(f"kv_cache_fraction={self.kv_cache_fraction} must be in (0, 1]")
         if errors:
@@ -151,7 +156,7 @@ class WorkerConfig:
     prefix: str = "llm"
     """Topic prefix; one cluster can host several fleets."""
     group_id: str | None = None
-    """Consumer group; None: `streamer-workers` (with a non-default prefix: `<prefix>-streamer-workers`)."""
+    """Consumer group; None: `streamer-workers` (`<prefix>-streamer-workers` for other prefixes)."""
     worker_id: str = ""
     """Name on events and logs; empty: a random one."""
     group_instance_id: str | None = None
@@ -197,8 +202,10 @@ class WorkerConfig:
 T = TypeVar("T")
 
 
-def env_overrides(cls: type[T], env: Mapping[str, str] | None = None, prefix: str = "STREAMER_") -> dict[str, Any]:
-    """Read `STREAMER_<FIELD>` for each simple field of a settings dataclass, typed by its default."""
+def env_overrides(
+    cls: type[T], env: Mapping[str, str] | None = None, prefix: str = "STREAMER_"
+) -> dict[str, Any]:
+    """Read `STREAMER_<FIELD>` for each simple field of a settings dataclass, typed by it."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]

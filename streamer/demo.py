@@ -68,8 +68,9 @@ def _summary(rows: list[Row]) -> Table:
     for row in rows:
         ttft = f"{(row.first_token - row.submitted) * 1000:.0f}" if row.first_token else "-"
         total = f"{(row.finished - row.submitted) * 1000:.0f}" if row.finished else "-"
-        table.add_row(row.priority, row.outcome, str(row.tokens), ttft, total, row.worker,
-                      str(row.attempts))
+        table.add_row(
+            row.priority, row.outcome, str(row.tokens), ttft, total, row.worker, str(row.attempts)
+        )
     return table
 
 
@@ -94,8 +95,10 @@ async def _follow(row: Row) -> None:
 async def _wait_for_workers(fleet: Fleet, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        logs = [p.log_path.read_text(errors="replace") if p.log_path and p.log_path.exists() else ""
-                for p in fleet.procs]
+        logs = [
+            p.log_path.read_text(errors="replace") if p.log_path and p.log_path.exists() else ""
+            for p in fleet.procs
+        ]
         if all("worker_started" in text for text in logs):
             return
         for proc in fleet.procs:
@@ -121,7 +124,9 @@ async def run_demo(*, fast: bool = False, workers: int = 2) -> int:
         console.print(f"[bold]4/5[/] starting a fleet of {workers} workers in one consumer group")
         fleet = Fleet(
             ["--model", str(model), "--bootstrap-servers", broker.bootstrap_servers],
-            workers=workers, base_metrics_port=0, log_dir=STATE_DIR / "demo-logs",
+            workers=workers,
+            base_metrics_port=0,
+            log_dir=STATE_DIR / "demo-logs",
             env={"STREAMER_LOG_LEVEL": "INFO"},
         )
         await fleet.start()
@@ -144,5 +149,7 @@ async def run_demo(*, fast: bool = False, workers: int = 2) -> int:
             await fleet.stop()
     console.print(_summary(rows))
     ok = all(row.outcome == "completed" for row in rows)
-    console.print("[green]all requests completed[/]" if ok else "[red]some requests did not complete[/]")
+    console.print(
+        "[green]all requests completed[/]" if ok else "[red]some requests did not complete[/]"
+    )
     return 0 if ok else 1

@@ -47,7 +47,9 @@ class Fleet:
     def __post_init__(self) -> None:
         self.procs = [
             # base 0: every worker picks a free port (and logs it).
-            WorkerProcess(i, self.worker_args, self.base_metrics_port + i if self.base_metrics_port else 0)
+            WorkerProcess(
+                i, self.worker_args, self.base_metrics_port + i if self.base_metrics_port else 0
+            )
             for i in range(self.workers)
         ]
         self._stopping = False
@@ -68,16 +70,28 @@ class Fleet:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             proc.log_path = self.log_dir / f"worker-{proc.index}.log"
-            out = open(proc.log_path, "ab")  # noqa: SIM115  (owned by the child)
+            out = open(proc.log_path, "ab")  # noqa: SIM115, ASYNC230  (owned by the child)
         proc.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "streamer.cli", "worker", *proc.args,
-            "--metrics-port", str(proc.metrics_port), env=env, stdout=out, stderr=out,
+            sys.executable,
+            "-m",
+            "streamer.cli",
+            "worker",
+            *proc.args,
+            "--metrics-port",
+            str(proc.metrics_port),
+            env=env,
+            stdout=out,
+            stderr=out,
         )
         if out is not None:
             out.close()
         proc.started_at = time.monotonic()
-        log.info("worker_spawned", index=proc.index, pid=proc.process.pid,
-                 metrics=f"http://127.0.0.1:{proc.metrics_port}/metrics")
+        log.info(
+            "worker_spawned",
+            index=proc.index,
+            pid=proc.process.pid,
+            metrics=f"http://127.0.0.1:{proc.metrics_port}/metrics",
+        )
 
     async def _watch(self, proc: WorkerProcess) -> None:
         while True:
@@ -128,9 +142,16 @@ class Fleet:
         if self.state_file is None:
             return
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        state = {"workers": [
-            {"index": p.index, "pid": p.process.pid if p.process else None,
-             "metrics": f"http://127.0.0.1:{p.metrics_port}/metrics"} for p in self.procs]}
+        state = {
+            "workers": [
+                {
+                    "index": p.index,
+                    "pid": p.process.pid if p.process else None,
+                    "metrics": f"http://127.0.0.1:{p.metrics_port}/metrics",
+                }
+                for p in self.procs
+            ]
+        }
         self.state_file.write_text(json.dumps(state, indent=2))
 
 
@@ -142,8 +163,11 @@ async def run_fleet(worker_args: list[str], workers: int, base_port: int) -> int
         loop.add_signal_handler(sig, stop.set)
     await fleet.start()
     for proc in fleet.procs:
-        print(f"worker {proc.index}: pid {proc.process.pid if proc.process else '?'}, metrics "
-              f"http://127.0.0.1:{proc.metrics_port}/metrics", flush=True)
+        print(
+            f"worker {proc.index}: pid {proc.process.pid if proc.process else '?'}, metrics "
+            f"http://127.0.0.1:{proc.metrics_port}/metrics",
+            flush=True,
+        )
     await stop.wait()
     await fleet.stop()
     return 0

@@ -37,7 +37,13 @@ class EventType(enum.StrEnum):
 
 
 TERMINAL_EVENTS = frozenset(
-    {EventType.COMPLETED, EventType.FAILED, EventType.REJECTED, EventType.CANCELLED, EventType.EXPIRED}
+    {
+        EventType.COMPLETED,
+        EventType.FAILED,
+        EventType.REJECTED,
+        EventType.CANCELLED,
+        EventType.EXPIRED,
+    }
 )
 
 

@@ -69,7 +69,8 @@ def parse_request(
     if len(value) > limits.max_message_bytes:
         return DeadLetter(
             ErrorCode.MESSAGE_TOO_LARGE,
-            f"record is {len(value)} bytes; the limit is max_message_bytes={limits.max_message_bytes}",
+            f"record is {len(value)} bytes; the limit is "
+            f"max_message_bytes={limits.max_message_bytes}",
         )
     try:
         raw = msgspec.json.decode(value)

@@ -79,17 +79,23 @@ class Worker:
         self.name = config.name if config.worker_id else f"{socket.gethostname()}-{os.getpid()}"
         self.log = log.bind(worker=self.name)
         self.lanes = {
-            protocol.request_topic(config.prefix, p): (i, p) for i, p in enumerate(protocol.PRIORITIES)
+            protocol.request_topic(config.prefix, p): (i, p)
+            for i, p in enumerate(protocol.PRIORITIES)
         }
         self.engine = Engine(config.engine)
         self.metrics = WorkerMetrics(model=config.engine.model, worker=self.name)
         self.publisher = Publisher(config.kafka, config.prefix, self.name)
         self.offsets = OffsetTracker()
-        self.control = ControlListener(config.kafka, config.prefix, config.cancel_window_s,
-                                       self._on_cancel)
+        self.control = ControlListener(
+            config.kafka, config.prefix, config.cancel_window_s, self._on_cancel
+        )
         self.consumer: AIOKafkaConsumer | None = None
-        self.server = MetricsServer(lambda: render(self.metrics), healthy=self._healthy,
-                                    ready=self._ready, port=config.metrics_port)
+        self.server = MetricsServer(
+            lambda: render(self.metrics),
+            healthy=self._healthy,
+            ready=self._ready,
+            port=config.metrics_port,
+        )
         self._inflight: dict[str, InFlight] = {}
         self._by_record: dict[RecordKey, str] = {}
         self._recently_finished: OrderedDict[RecordKey, None] = OrderedDict()
@@ -130,7 +136,9 @@ class Worker:
         cfg = self.config
         await self.server.start()
         self.log.info("metrics_listening", port=self.server.port)
-        self.metrics.set_info(version=self.metrics_version(), model=cfg.engine.model, worker=self.name)
+        self.metrics.set_info(
+            version=self.metrics_version(), model=cfg.engine.model, worker=self.name
+        )
         if cfg.apply_topics:
             report = await apply_topics(cfg.kafka, cfg.prefix)
             for line in report.lines():
@@ -188,8 +196,13 @@ class Worker:
         with contextlib.suppress(Exception):
             await self.publisher.flush()
         await self._commit()
-        for stop in (self.control.stop, self._stop_consumer, self.publisher.stop, self.engine.stop,
-                     self.server.stop):
+        for stop in (
+            self.control.stop,
+            self._stop_consumer,
+            self.publisher.stop,
+            self.engine.stop,
+            self.server.stop,
+        ):
             with contextlib.suppress(Exception):
                 await stop()
         self.log.info("worker_stopped")
@@ -230,9 +243,13 @@ class Worker:
             return
         request = parsed
         if request.id in self._inflight:
-            self._spawn(self._dead_letter(
-                record, ErrorCode.DUPLICATE_ID,
-                f"request id {request.id!r} is already in flight from another record"))
+            self._spawn(
+                self._dead_letter(
+                    record,
+                    ErrorCode.DUPLICATE_ID,
+                    f"request id {request.id!r} is already in flight from another record",
+                )
+            )
             return
         if request.id in self.control.cancels:
             self._spawn(self._terminal_only(record, request, priority, EventType.CANCELLED))
@@ -241,8 +258,12 @@ class Worker:
             self._spawn(self._terminal_only(record, request, priority, EventType.EXPIRED))
             return
         if self.config.log_prompts:  # debugging only: prompts are never logged otherwise
-            self.log.debug("request_received", request_id=request.id, prompt=request.prompt,
-                           messages=request.messages)
+            self.log.debug(
+                "request_received",
+                request_id=request.id,
+                prompt=request.prompt,
+                messages=request.messages,
+            )
         began = time.perf_counter()
         prepared = self._prepare(request)
         tokenize_s = time.perf_counter() - began
@@ -250,8 +271,9 @@ class Worker:
             self._spawn(self._reject(record, priority, prepared))
             return
         prompt_ids, params = prepared
-        stream = self.engine.add(request.id, prompt_ids, params, priority=lane,
-                                 deadline_ms=request.deadline_ms)
+        stream = self.engine.add(
+            request.id, prompt_ids, params, priority=lane, deadline_ms=request.deadline_ms
+        )
         flight = InFlight(request, record, priority, stream, len(prompt_ids), tokenize_s)
         self._inflight[request.id] = flight
         self._by_record[key] = request.id
@@ -263,11 +285,16 @@ class Worker:
         tokenizer = engine.tokenizer
         if request.messages is not None:
             if not getattr(tokenizer, "chat_template", None):
-                return Rejection(request.id, ErrorCode.NO_CHAT_TEMPLATE,
-                                 "this model has no chat template; send `prompt` instead")
+                return Rejection(
+                    request.id,
+                    ErrorCode.NO_CHAT_TEMPLATE,
+                    "this model has no chat template; send `prompt` instead",
+                )
             text = tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in request.messages],
-                add_generation_prompt=True, tokenize=False)
+                add_generation_prompt=True,
+                tokenize=False,
+            )
             prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
         else:
             prompt_ids = tokenizer(request.prompt).input_ids
@@ -276,23 +303,36 @@ class Worker:
         if n == 0:
             return Rejection(request.id, ErrorCode.INVALID_FIELD, "the prompt has no tokens")
         if n > max_prompt:
-            return Rejection(request.id, ErrorCode.PROMPT_TOO_LONG,
-                             f"prompt is {n} tokens; the limit is {max_prompt} (max_prompt_tokens)")
+            return Rejection(
+                request.id,
+                ErrorCode.PROMPT_TOO_LONG,
+                f"prompt is {n} tokens; the limit is {max_prompt} (max_prompt_tokens)",
+            )
         cap = cfg.max_tokens_cap or context
         if request.max_tokens is None:
             max_tokens = min(cfg.default_max_tokens, context - n)
         elif request.max_tokens > cap:
-            return Rejection(request.id, ErrorCode.MAX_TOKENS_TOO_LARGE,
-                             f"max_tokens={request.max_tokens} is above the cap {cap} (max_tokens_cap)")
+            return Rejection(
+                request.id,
+                ErrorCode.MAX_TOKENS_TOO_LARGE,
+                f"max_tokens={request.max_tokens} is above the cap {cap} (max_tokens_cap)",
+            )
         elif n + request.max_tokens > context:
-            return Rejection(request.id, ErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                             f"prompt ({n} tokens) + max_tokens ({request.max_tokens}) = "
-                             f"{n + request.max_tokens} exceeds the context length {context}")
+            return Rejection(
+                request.id,
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                f"prompt ({n} tokens) + max_tokens ({request.max_tokens}) = "
+                f"{n + request.max_tokens} exceeds the context length {context}",
+            )
         else:
             max_tokens = request.max_tokens
         params = SamplingParams(
-            temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
-            seed=request.seed, max_tokens=max_tokens, stop=tuple(request.stop),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            max_tokens=max_tokens,
+            stop=tuple(request.stop),
             ignore_eos=request.ignore_eos,
         )
         return prompt_ids, params
@@ -325,33 +365,58 @@ class Worker:
 
     async def _serve(self, flight: InFlight) -> None:
         request, publisher = flight.request, self.publisher
-        bound = self.log.bind(request_id=request.id, attempt=flight.attempt, priority=flight.priority)
+        bound = self.log.bind(
+            request_id=request.id, attempt=flight.attempt, priority=flight.priority
+        )
         produced_at = flight.record.timestamp / 1000
         chunk_acks: list[asyncio.Future[Any]] = []
         started_wall = first_token_wall = None
-        await publisher.send_event(publisher.event(
-            request.id, EventType.QUEUED, priority=flight.priority), traceparent=flight.traceparent)
+        await publisher.send_event(
+            publisher.event(request.id, EventType.QUEUED, priority=flight.priority),
+            traceparent=flight.traceparent,
+        )
         async for out in flight.stream:
             if out.kind is OutputKind.STARTED:
                 started_wall = time.time()
-                await publisher.send_event(publisher.event(
-                    request.id, EventType.STARTED, attempt=flight.attempt, priority=flight.priority),
-                    traceparent=flight.traceparent)
+                await publisher.send_event(
+                    publisher.event(
+                        request.id,
+                        EventType.STARTED,
+                        attempt=flight.attempt,
+                        priority=flight.priority,
+                    ),
+                    traceparent=flight.traceparent,
+                )
                 self.metrics.request_queue_time.labels(flight.priority).observe(
-                    max(0.0, started_wall - produced_at))
+                    max(0.0, started_wall - produced_at)
+                )
             elif out.kind is OutputKind.TOKENS:
                 if first_token_wall is None and out.token_ids:
                     first_token_wall = time.time()
-                chunk = protocol.TokenChunk(request_id=request.id, attempt=flight.attempt,
-                                            index=out.index, token_ids=out.token_ids, text=out.text)
-                chunk_acks.append(await publisher.send_chunk(
-                    chunk, priority=flight.priority, traceparent=flight.traceparent))
+                chunk = protocol.TokenChunk(
+                    request_id=request.id,
+                    attempt=flight.attempt,
+                    index=out.index,
+                    token_ids=out.token_ids,
+                    text=out.text,
+                )
+                chunk_acks.append(
+                    await publisher.send_chunk(
+                        chunk, priority=flight.priority, traceparent=flight.traceparent
+                    )
+                )
                 self.metrics.generation_tokens.inc(len(out.token_ids))
             elif out.kind is OutputKind.PREEMPTED:
                 self.metrics.num_preemptions.inc()
-                await publisher.send_event(publisher.event(
-                    request.id, EventType.PREEMPTED, attempt=flight.attempt,
-                    priority=flight.priority), traceparent=flight.traceparent)
+                await publisher.send_event(
+                    publisher.event(
+                        request.id,
+                        EventType.PREEMPTED,
+                        attempt=flight.attempt,
+                        priority=flight.priority,
+                    ),
+                    traceparent=flight.traceparent,
+                )
             elif out.kind is OutputKind.FINISHED:
                 await self._finish(flight, out, chunk_acks, started_wall, first_token_wall, bound)
 
@@ -374,27 +439,35 @@ class Worker:
             event_type = TERMINAL_BY_REASON.get(out.finish_reason or "failed", EventType.FAILED)
             now = time.time()
             produced_at = flight.record.timestamp / 1000
-            fields: dict[str, Any] = {"attempt": flight.attempt, "priority": flight.priority,
-                                      "metadata": request.metadata}
+            fields: dict[str, Any] = {
+                "attempt": flight.attempt,
+                "priority": flight.priority,
+                "metadata": request.metadata,
+            }
             if event_type is EventType.COMPLETED:
                 fields.update(
                     text=out.final_text or "",
                     finish_reason=protocol.FinishReason(out.finish_reason),
-                    usage=protocol.Usage(prompt_tokens=out.num_prompt_tokens,
-                                         completion_tokens=out.num_completion_tokens),
+                    usage=protocol.Usage(
+                        prompt_tokens=out.num_prompt_tokens,
+                        completion_tokens=out.num_completion_tokens,
+                    ),
                     timings=protocol.Timings(
                         queue_ms=round(((started_wall or now) - produced_at) * 1000, 3),
                         ttft_ms=round((first_token_wall - produced_at) * 1000, 3)
-                        if first_token_wall else None,
+                        if first_token_wall
+                        else None,
                         e2e_ms=round((now - produced_at) * 1000, 3),
                     ),
                 )
             elif event_type is EventType.FAILED:
-                fields["error"] = protocol.ErrorInfo(code=ErrorCode.MODEL_ERROR,
-                                                     message=out.error or "generation failed")
+                fields["error"] = protocol.ErrorInfo(
+                    code=ErrorCode.MODEL_ERROR, message=out.error or "generation failed"
+                )
                 self.metrics.errors.labels(kind="model").inc()
-            ack = await publisher.send_event(publisher.event(request.id, event_type, **fields),
-                                             traceparent=flight.traceparent)
+            ack = await publisher.send_event(
+                publisher.event(request.id, event_type, **fields), traceparent=flight.traceparent
+            )
             await ack
             self.offsets.finish(*flight.key)
             self._remember_finished(flight.key)
@@ -402,21 +475,32 @@ class Worker:
             done = time.time()
             ms = lambda a, b: round(max(0.0, b - a) * 1000, 1) if a and b else None  # noqa: E731
             # One summary line per request: where its time went.
-            bound.info("request_finished", outcome=str(event_type), reason=out.finish_reason,
-                       prompt_tokens=out.num_prompt_tokens,
-                       completion_tokens=out.num_completion_tokens,
-                       queue_ms=ms(produced_at, started_wall),
-                       tokenize_ms=round(flight.tokenize_s * 1000, 2),
-                       prefill_ms=ms(started_wall, first_token_wall),
-                       decode_ms=ms(first_token_wall, publish_began),
-                       publish_ms=ms(publish_began, done),
-                       e2e_ms=ms(produced_at, done))
+            bound.info(
+                "request_finished",
+                outcome=str(event_type),
+                reason=out.finish_reason,
+                prompt_tokens=out.num_prompt_tokens,
+                completion_tokens=out.num_completion_tokens,
+                queue_ms=ms(produced_at, started_wall),
+                tokenize_ms=round(flight.tokenize_s * 1000, 2),
+                prefill_ms=ms(started_wall, first_token_wall),
+                decode_ms=ms(first_token_wall, publish_began),
+                publish_ms=ms(publish_began, done),
+                e2e_ms=ms(produced_at, done),
+            )
         finally:
             self._inflight.pop(request.id, None)
             self._by_record.pop(flight.key, None)
 
-    def _observe(self, flight: InFlight, out: RequestOutput, event_type: EventType, now: float,
-                 produced_at: float, first_token_wall: float | None) -> None:
+    def _observe(
+        self,
+        flight: InFlight,
+        out: RequestOutput,
+        event_type: EventType,
+        now: float,
+        produced_at: float,
+        first_token_wall: float | None,
+    ) -> None:
         m, p = self.metrics, flight.priority
         m.requests.labels(priority=p, outcome=str(event_type)).inc()
         m.prompt_tokens.inc(out.num_prompt_tokens)
@@ -425,37 +509,69 @@ class Worker:
             m.time_to_first_token.labels(p).observe(max(0.0, first_token_wall - produced_at))
             if out.num_completion_tokens > 1:
                 m.time_per_output_token.labels(p).observe(
-                    (now - first_token_wall) / (out.num_completion_tokens - 1))
+                    (now - first_token_wall) / (out.num_completion_tokens - 1)
+                )
 
-    async def _terminal_only(self, record: ConsumerRecord[Any, Any], request: GenerationRequest,
-                             priority: str, event_type: EventType) -> None:
+    async def _terminal_only(
+        self,
+        record: ConsumerRecord[Any, Any],
+        request: GenerationRequest,
+        priority: str,
+        event_type: EventType,
+    ) -> None:
         """An outcome without generating (cancelled before it arrived, deadline already passed)."""
-        event = self.publisher.event(request.id, event_type, priority=priority,
-                                     metadata=request.metadata)
+        event = self.publisher.event(
+            request.id, event_type, priority=priority, metadata=request.metadata
+        )
         await (await self.publisher.send_event(event))
         self._finished_record(record, priority, str(event_type))
 
-    async def _reject(self, record: ConsumerRecord[Any, Any], priority: str, rejection: Rejection) -> None:
+    async def _reject(
+        self, record: ConsumerRecord[Any, Any], priority: str, rejection: Rejection
+    ) -> None:
         event = self.publisher.event(
-            rejection.request_id, EventType.REJECTED, priority=priority,
-            error=protocol.ErrorInfo(code=rejection.code, message=rejection.message))
+            rejection.request_id,
+            EventType.REJECTED,
+            priority=priority,
+            error=protocol.ErrorInfo(code=rejection.code, message=rejection.message),
+        )
         await (await self.publisher.send_event(event))
-        self.log.info("request_rejected", request_id=rejection.request_id, code=str(rejection.code),
-                      reason=rejection.message)
+        self.log.info(
+            "request_rejected",
+            request_id=rejection.request_id,
+            code=str(rejection.code),
+            reason=rejection.message,
+        )
         self._finished_record(record, priority, "rejected")
 
-    async def _dead_letter(self, record: ConsumerRecord[Any, Any], code: ErrorCode, message: str) -> None:
+    async def _dead_letter(
+        self, record: ConsumerRecord[Any, Any], code: ErrorCode, message: str
+    ) -> None:
         ack = await self.publisher.send_dead_letter(
-            value=record.value, key=record.key, source_topic=record.topic,
-            partition=record.partition, offset=record.offset, error=str(code), message=message,
-            headers=record.headers or ())
+            value=record.value,
+            key=record.key,
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            error=str(code),
+            message=message,
+            headers=record.headers or (),
+        )
         await ack
-        self.log.warning("dead_letter", topic=record.topic, partition=record.partition,
-                         offset=record.offset, error=str(code), reason=message)
+        self.log.warning(
+            "dead_letter",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            error=str(code),
+            reason=message,
+        )
         self.metrics.errors.labels(kind=str(code)).inc()
         self._finished_record(record, self.lanes[record.topic][1], "dlq")
 
-    def _finished_record(self, record: ConsumerRecord[Any, Any], priority: str, outcome: str) -> None:
+    def _finished_record(
+        self, record: ConsumerRecord[Any, Any], priority: str, outcome: str
+    ) -> None:
         key = (record.topic, record.partition, record.offset)
         self.offsets.finish(*key)
         self._remember_finished(key)
@@ -503,10 +619,13 @@ class Worker:
         stalled = bool(scheduler and scheduler.has_work and idle_for > self.config.stall_timeout_s)
         if stalled and self._stall is None:
             self._stall = f"no engine step for {idle_for:.0f}s with work queued"
-            self.log.error("engine_stalled", idle_s=round(idle_for, 1),
-                           running=scheduler.num_running if scheduler else 0,
-                           waiting=scheduler.num_waiting if scheduler else 0,
-                           stages=self.engine.stage_activity())
+            self.log.error(
+                "engine_stalled",
+                idle_s=round(idle_for, 1),
+                running=scheduler.num_running if scheduler else 0,
+                waiting=scheduler.num_waiting if scheduler else 0,
+                stages=self.engine.stage_activity(),
+            )
             self.metrics.errors.labels(kind="stall").inc()
         elif not stalled and self._stall is not None:
             self.log.warning("engine_stall_cleared")
@@ -516,7 +635,7 @@ class Worker:
         """Lag per partition: records past the first unfinished one (what a commit would leave)."""
         if self.consumer is None:
             return
-        subscription = self.consumer._subscription.subscription  # noqa: SLF001
+        subscription = self.consumer._subscription.subscription
         if subscription is None or subscription.assignment is None:
             return  # mid-rebalance
         positions = subscription.assignment.all_consumed_offsets()
@@ -548,7 +667,8 @@ class Worker:
         if not positions:
             return
         await self.consumer.commit(
-            {TopicPartition(t, p): OffsetAndMetadata(off, "") for (t, p), off in positions.items()})
+            {TopicPartition(t, p): OffsetAndMetadata(off, "") for (t, p), off in positions.items()}
+        )
         self.offsets.mark_committed(positions)
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -556,8 +676,9 @@ class Worker:
         keys = {(tp.topic, tp.partition) for tp in revoked}
         with contextlib.suppress(Exception):
             await self._commit()
-        victims = [f for f in self._inflight.values()
-                   if (f.record.topic, f.record.partition) in keys]
+        victims = [
+            f for f in self._inflight.values() if (f.record.topic, f.record.partition) in keys
+        ]
         for flight in victims:
             self.engine.abort(flight.request.id, "revoked")
         tasks = [f.task for f in victims if f.task is not None]

@@ -108,6 +108,11 @@ async def test_readyz_follows_the_broker(tmp_path: Path, tiny_model: Path) -> No
         broker = EmbeddedBroker(port=broker.port, log_path=tmp_path / "broker2.log").start()
         await apply_topics(KafkaSettings(bootstrap_servers=broker.bootstrap_servers))
         await _wait(lambda: _status(port, "/readyz") == 200 or None, timeout=90)
+        # And it serves again: nothing crashed, the consumer rejoined the (new, empty) cluster.
+        async with StreamerClient(KafkaSettings(bootstrap_servers=broker.bootstrap_servers)) as c:
+            handle = await c.submit("after the outage", max_tokens=5)
+            assert (await handle.result(120)).outcome.type is EventType.COMPLETED
+        assert proc.poll() is None
         outage_logs = log_path.read_text().count("broker_unreachable")
         assert 1 <= outage_logs <= 3  # summarised, not one line per reconnect attempt
     finally:

@@ -17,7 +17,6 @@ from conftest import ROOT
 from reference import PROMPTS, greedy_text, max_tokens_for
 
 from streamer import protocol
-from streamer.client import StreamerClient
 from streamer.config import KafkaSettings
 from streamer.protocol import EventType
 

@@ -24,7 +24,7 @@ from streamer.engine.detokenizer import IncrementalDetokenizer
 from streamer.engine.outputs import OutputKind, RequestOutput, RequestStream
 from streamer.engine.sampling import new_generator, sample
 from streamer.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
-from streamer.engine.sequence import SamplingParams, Sequence, SeqStatus
+from streamer.engine.sequence import SamplingParams, SeqStatus, Sequence
 from streamer.engine.stages import Pipeline, Stage, StepBatch
 
 log = structlog.get_logger(__name__)
@@ -106,7 +106,9 @@ class Engine:
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
         groups = len(cfg.devices)
         elsize = torch.empty((), dtype=dtype).element_size()
-        per_slot = 2 * shape.num_layers * shape.num_kv_heads * self.max_model_len * shape.head_dim * elsize
+        per_slot = (
+            2 * shape.num_layers * shape.num_kv_heads * self.max_model_len * shape.head_dim * elsize
+        )
         budget = cfg.kv_cache_bytes or self._default_kv_budget()
         by_budget = budget // per_slot
         wanted = -(-cfg.max_num_seqs // groups) * groups  # more slots than sequences are unused
@@ -146,7 +148,9 @@ class Engine:
             model=cfg.model,
             model_type=shape.model_type,
             dtype=str(dtype).removeprefix("torch."),
-            stages=[f"{d}:{r.start}-{r.stop - 1}" for d, r in zip(cfg.devices, ranges, strict=True)],
+            stages=[
+                f"{d}:{r.start}-{r.stop - 1}" for d, r in zip(cfg.devices, ranges, strict=True)
+            ],
             kv_slots=self.num_slots,
             kv_bytes=per_slot * self.num_slots,
             max_model_len=self.max_model_len,
@@ -194,8 +198,9 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"max_model_len={self.max_model_len}"
             )
-        seq = Sequence(request_id, list(prompt_ids), params, priority=priority,
-                       arrival=time.monotonic())
+        seq = Sequence(
+            request_id, list(prompt_ids), params, priority=priority, arrival=time.monotonic()
+        )
         stream = RequestStream(request_id)
         # Everything that can raise comes before the scheduler sees the sequence.
         tracked = Tracked(
@@ -223,14 +228,19 @@ class Engine:
         return True
 
     async def generate(
-        self, prompt: str, params: SamplingParams | None = None, *, request_id: str | None = None,
+        self,
+        prompt: str,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
         priority: int = 2,
     ) -> AsyncIterator[RequestOutput]:
         """In-process API: tokenize `prompt` as `tokenizer(prompt)` does and stream outputs."""
         params = params or SamplingParams()
         ids = self.tokenizer(prompt).input_ids
-        stream = self.add(request_id or f"gen-{id(params)}-{time.monotonic_ns()}", ids, params,
-                          priority=priority)
+        stream = self.add(
+            request_id or f"gen-{id(params)}-{time.monotonic_ns()}", ids, params, priority=priority
+        )
         async for output in stream:
             yield output
 
@@ -304,8 +314,12 @@ class Engine:
         self.oom_retries += oom
         if oom and torch.cuda.is_available():
             torch.cuda.empty_cache()
-        log.warning("step_failed_retrying_smaller", error=repr(error)[:300],
-                    sequences=len(plan.items), step_cap=self.scheduler.step_cap)
+        log.warning(
+            "step_failed_retrying_smaller",
+            error=repr(error)[:300],
+            sequences=len(plan.items),
+            step_cap=self.scheduler.step_cap,
+        )
         return True
 
     def _relax_step_cap(self) -> None:
@@ -327,8 +341,11 @@ class Engine:
             tracked = self._tracked[item.seq.request_id]
             if not tracked.started_announced:
                 tracked.started_announced = True
-                tracked.stream.put(RequestOutput(item.seq.request_id, OutputKind.STARTED,
-                                                 started_at=time.monotonic()))
+                tracked.stream.put(
+                    RequestOutput(
+                        item.seq.request_id, OutputKind.STARTED, started_at=time.monotonic()
+                    )
+                )
 
     def _build(self, plan: StepPlan) -> StepBatch:
         ids: list[int] = []
@@ -417,12 +434,16 @@ class Engine:
                 status = SeqStatus.FINISHED_STOPPED
         seq.published_tokens = len(seq.output_ids)
         tracked.stream.put(
-            RequestOutput(seq.request_id, OutputKind.TOKENS, index=index, token_ids=[token], text=text)
+            RequestOutput(
+                seq.request_id, OutputKind.TOKENS, index=index, token_ids=[token], text=text
+            )
         )
         if status is not None:
             self._finish(tracked, status, _REASONS[status])
 
-    def _finish(self, tracked: Tracked, status: SeqStatus, reason: str, error: str | None = None) -> None:
+    def _finish(
+        self, tracked: Tracked, status: SeqStatus, reason: str, error: str | None = None
+    ) -> None:
         seq = tracked.seq
         if self._tracked.pop(seq.request_id, None) is None:
             return

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from streamer.engine.sequence import Sequence, SeqStatus
+from streamer.engine.sequence import SeqStatus, Sequence
 
 NUM_LANES = 4
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from streamer.engine.model import ModelShape
@@ -142,8 +142,13 @@ class Stage:
         batch: StepBatch,
         decode: dict[str, torch.Tensor] | None,
     ) -> torch.Tensor:
-        T = x.shape[0]  # noqa: N806
-        nh, nkv, d, g = self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim, self.group_size
+        T = x.shape[0]
+        nh, nkv, d, g = (
+            self.shape.num_heads,
+            self.shape.num_kv_heads,
+            self.shape.head_dim,
+            self.group_size,
+        )
         q = attn.q_proj(x).view(T, nh, d)
         k = attn.k_proj(x).view(T, nkv, d)
         v = attn.v_proj(x).view(T, nkv, d)
@@ -163,13 +168,17 @@ class Stage:
             # GQA without repeating the cache: a kv head's G query heads act as G query rows.
             qd = q.new_zeros(hi - lo, nkv, g, d)
             qd[decode["rel"]] = q[decode["rows"]].view(-1, nkv, g, d)
-            od = F.scaled_dot_product_attention(qd, keys, values, attn_mask=decode["mask"], scale=scale)
+            od = F.scaled_dot_product_attention(
+                qd, keys, values, attn_mask=decode["mask"], scale=scale
+            )
             out[decode["rows"]] = od[decode["rel"]].reshape(-1, nh, d)
         for row, num, slot, start in batch.prefills:
             total = start + num
             keys = k_cache[slot, :, :total]  # [nkv, L, D]
             values = v_cache[slot, :, :total]
-            qp = q[row : row + num].view(num, nkv, g, d).permute(1, 2, 0, 3).reshape(nkv, g * num, d)
+            qp = (
+                q[row : row + num].view(num, nkv, g, d).permute(1, 2, 0, 3).reshape(nkv, g * num, d)
+            )
             query_pos = torch.arange(start, total, device=q.device).repeat(g)  # [G*t]
             mask = torch.arange(total, device=q.device)[None, :] <= query_pos[:, None]
             op = F.scaled_dot_product_attention(qp, keys, values, attn_mask=mask, scale=scale)

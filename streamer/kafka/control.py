@@ -69,7 +69,7 @@ class ControlListener:
         await self._consumer.start()
         partitions = self._consumer.partitions_for_topic(self.topic) or set()
         if not partitions:
-            await self._consumer._client.force_metadata_update()  # noqa: SLF001
+            await self._consumer._client.force_metadata_update()
             partitions = self._consumer.partitions_for_topic(self.topic) or set()
         tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self._consumer.assign(tps)

@@ -66,11 +66,16 @@ class Publisher:
         self, chunk: TokenChunk, *, priority: str, traceparent: bytes | None
     ) -> asyncio.Future[Any]:
         headers = protocol.output_headers(
-            chunk.request_id, "token", priority=priority, attempt=chunk.attempt,
+            chunk.request_id,
+            "token",
+            priority=priority,
+            attempt=chunk.attempt,
             traceparent=traceparent,
         )
         return await self._producer.send(
-            self.tokens_topic, protocol.encode(chunk), key=chunk.request_id.encode(),
+            self.tokens_topic,
+            protocol.encode(chunk),
+            key=chunk.request_id.encode(),
             headers=headers,
         )
 
@@ -78,17 +83,23 @@ class Publisher:
         self, event: Event, *, traceparent: bytes | None = None
     ) -> asyncio.Future[Any]:
         headers = protocol.output_headers(
-            event.request_id, str(event.type), priority=event.priority, attempt=event.attempt,
+            event.request_id,
+            str(event.type),
+            priority=event.priority,
+            attempt=event.attempt,
             traceparent=traceparent,
         )
         return await self._producer.send(
-            self.events_topic, protocol.encode(event), key=event.request_id.encode(),
+            self.events_topic,
+            protocol.encode(event),
+            key=event.request_id.encode(),
             headers=headers,
         )
 
     def event(self, request_id: str, type_: EventType, **fields: Any) -> Event:
-        return Event(request_id=request_id, type=type_, worker=self.worker, ts=protocol.now_ms(),
-                     **fields)
+        return Event(
+            request_id=request_id, type=type_, worker=self.worker, ts=protocol.now_ms(), **fields
+        )
 
     async def send_dead_letter(
         self,
