@@ -9,7 +9,6 @@ terminal event, and the text is the token chunks of the attempt that event names
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from streamer import protocol
+from streamer.aio import cancel_and_wait
 from streamer.config import KafkaSettings
 from streamer.protocol import Event, EventType, GenerationRequest, TokenChunk
 
@@ -193,10 +193,7 @@ class StreamerClient:
 
     async def stop(self) -> None:
         reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+        await cancel_and_wait(reader)
         await self._consumer.stop()
         await self._producer.stop()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import structlog
 
+from streamer.aio import cancel_and_wait
 from streamer.broker import free_port
 
 log = structlog.get_logger(__name__)
@@ -130,10 +131,7 @@ class Fleet:
             except TimeoutError:
                 proc.process.kill()
                 await proc.process.wait()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         if self.state_file is not None:
             with contextlib.suppress(OSError):
                 self.state_file.unlink()

@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from streamer import protocol
+from streamer.aio import cancel_and_wait
 from streamer.config import WorkerConfig
 from streamer.engine.engine import Engine
 from streamer.engine.outputs import OutputKind, RequestOutput, RequestStream
@@ -168,9 +169,7 @@ class Worker:
         try:
             await self._intake_loop()
         finally:
-            health.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await health
+            await cancel_and_wait(health)
             await self._shutdown(committer)
 
     @staticmethod
@@ -190,9 +189,7 @@ class Worker:
             self.engine.abort(request_id, "revoked")  # uncommitted: the next owner redoes it
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=10)
-        committer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await committer
+        await cancel_and_wait(committer)
         with contextlib.suppress(Exception):
             await self.publisher.flush()
         await self._commit()

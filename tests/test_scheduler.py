@@ -784,3 +784,21 @@ def test_random_workloads_keep_invariants_and_finish(
     assert sim.scheduler.slots_in_use() == 0 and not sim.scheduler.in_flight
     if not config["preemption"]:
         assert not sim.preemptions
+
+
+def test_out_of_memory_cap_limits_sequences_and_abandon_replans_the_same_work() -> None:
+    scheduler = make_scheduler(max_num_seqs=8, num_slots=8, max_num_batched_tokens=512)
+    for i in range(6):
+        scheduler.add(make_seq(f"s{i}", prompt_len=5))
+    plan = scheduler.schedule(0, 0.0)
+    assert plan is not None and len(plan.items) == 6
+    scheduler.abandon(plan)  # the step failed without effect
+    assert all(item.seq.num_computed == 0 for item in plan.items)
+    scheduler.step_cap = 2
+    capped = scheduler.schedule(0, 0.0)
+    assert capped is not None and len(capped.items) == 2
+    assert [(i.start, i.num_tokens) for i in capped.items] == [(0, 5), (0, 5)]
+    scheduler.complete(capped)
+    scheduler.step_cap = None
+    full = scheduler.schedule(0, 0.0)
+    assert full is not None and len(full.items) == 6  # the cap lifted: everyone runs again

@@ -21,7 +21,7 @@ from streamer.bench.engine import inprocess_runners
 from streamer.bench.local_fleet import LocalFleet, local_fleet, worker_args
 from streamer.bench.results import LABELS, SystemResult, machine_info
 from streamer.bench.serve import run_load
-from streamer.bench.stats import aggregate
+from streamer.bench.stats import aggregate, per_lane
 from streamer.bench.suite import BenchOptions, load_workload, run_rounds, worker_env
 from streamer.bench.workload import Workload
 
@@ -141,6 +141,8 @@ def run_compare(options: BenchOptions, out_dir: Path, *, slo: dict[str, float],
     engine = systems["engine"]
     if engine.ok:
         data["engine_latency"] = aggregate(engine.timings, engine.wall_s, slo).to_json()
+        data["engine_lanes"] = {lane: agg.to_json() for lane, agg in
+                                per_lane(engine.timings, engine.wall_s, slo).items()}
     data["plots"] = [p.name for p in _plots(out_dir, ordered, systems, sweep, data)]
     data["total_elapsed_s"] = time.monotonic() - began
     for path in report.write_results(out_dir, "compare", data, compare_markdown(data, ordered)):
@@ -191,6 +193,8 @@ def compare_markdown(data: dict[str, Any], ordered: list[SystemResult]) -> str:
                   **{f"fleet: {lane}": agg for lane, agg in serve["lanes"].items()}}
         if data.get("engine_latency"):
             groups["engine in-process: all"] = data["engine_latency"]
+            groups.update({f"engine in-process: {lane}": agg
+                           for lane, agg in data.get("engine_lanes", {}).items()})
         slo = ", ".join(f"{k} <= {v:g} ms" for k, v in data["slo_ms"].items()) or "none"
         parts += ["", "## Fleet through Kafka, measured by the client", "",
                   f"SLO for goodput: {slo}.", "", report.throughput_table(groups), "",

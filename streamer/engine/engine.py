@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 import torch
 
+from streamer.aio import cancel_and_wait
 from streamer.config import EngineConfig
 from streamer.engine import model as model_lib
 from streamer.engine.detokenizer import IncrementalDetokenizer
@@ -80,10 +81,7 @@ class Engine:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         if self.pipeline is not None:
             await self.pipeline.stop()
 

@@ -175,12 +175,13 @@ class Scheduler:
         # Decodes first (one token each, they keep streams flowing), then prefill chunks by lane.
         order = sorted(self.running[group],
                        key=lambda s: (s.num_uncomputed > 1, s.priority, s.arrival))
-        cap = self.step_cap or self.config.max_num_seqs
+        # The out-of-memory cap only; max_num_seqs is enforced by admission (and preemption).
+        cap = self.step_cap
         for seq in order:
-            if budget == 0 or len(plan.items) >= cap:
+            if budget == 0 or (cap is not None and len(plan.items) >= cap):
                 break
             budget -= self._plan_item(plan, seq, budget)
-        while budget > 0 and len(plan.items) < cap:
+        while budget > 0 and (cap is None or len(plan.items) < cap):
             seq = self._peek_waiting(now)
             if seq is None:
                 break

@@ -7,7 +7,6 @@ so while stage 1 runs micro-batch A, stage 0 runs micro-batch B.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from streamer.aio import cancel_and_wait
 from streamer.engine.model import ModelShape
 
 
@@ -221,11 +221,7 @@ class Pipeline:
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*tasks)
         for executor in self._executors:
             executor.shutdown(wait=True)
 

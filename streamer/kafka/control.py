@@ -7,7 +7,6 @@ worker was down (or before its request arrived) still applies.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -17,6 +16,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streamer import protocol
+from streamer.aio import cancel_and_wait
 from streamer.config import KafkaSettings
 
 log = structlog.get_logger(__name__)
@@ -88,10 +88,7 @@ class ControlListener:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         await self._consumer.stop()
 
     async def _run(self) -> None:
