@@ -799,6 +799,8 @@ def test_out_of_memory_cap_limits_sequences_and_abandon_replans_the_same_work() 
     assert capped is not None and len(capped.items) == 2
     assert [(i.start, i.num_tokens) for i in capped.items] == [(0, 5), (0, 5)]
     scheduler.complete(capped)
+    for item in capped.items:
+        item.seq.output_ids.append(7)  # what the engine does with a sampled token
     scheduler.step_cap = None
     full = scheduler.schedule(0, 0.0)
     assert full is not None and len(full.items) == 6  # the cap lifted: everyone runs again
