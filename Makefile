@@ -30,7 +30,7 @@ lint: install
 	$(BIN)/ruff check streamer tests
 
 bench: install
-	$(BIN)/streamer bench compare
+	$(BIN)/streamer bench compare --sweep --threads 1 --repeat 2 --out bench-results/compare
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

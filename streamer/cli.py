@@ -71,6 +71,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         "max_model_len": args.max_model_len,
         "default_max_tokens": args.default_max_tokens,
         "aging_s": args.aging_s,
+        "torch_threads": args.torch_threads,
     }
     engine_values.update({k: v for k, v in flags.items() if v is not None})
     worker_values = env_overrides(WorkerConfig)
@@ -241,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--kv-cache-bytes", type=int)
             p.add_argument("--max-model-len", type=int)
             p.add_argument("--default-max-tokens", type=int)
+            p.add_argument("--torch-threads", type=int,
+                           help="torch intra-op threads on CPU (1 when workers share few cores)")
             p.add_argument(
                 "--aging-s", type=float, help="waiting seconds that lift a request one lane"
             )

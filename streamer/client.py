@@ -36,6 +36,7 @@ class Update:
     text: str = ""
     event: Event | None = None
     attempt: str | None = None
+    tokens: int = 0  # token ids behind a TEXT update (a chunk may hold several)
 
 
 @dataclass
@@ -103,7 +104,8 @@ class RequestHandle:
         while attempt.emitted_to in attempt.chunks:
             chunk = attempt.chunks[attempt.emitted_to]
             self._updates.put_nowait(
-                Update(UpdateKind.TEXT, text=chunk.text, attempt=chunk.attempt)
+                Update(UpdateKind.TEXT, text=chunk.text, attempt=chunk.attempt,
+                       tokens=len(chunk.token_ids))
             )
             attempt.emitted_to += max(1, len(chunk.token_ids))
 

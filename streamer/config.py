@@ -119,6 +119,9 @@ class EngineConfig:
     """Largest max_tokens a request may ask for; None: the model's context length."""
     max_prompt_tokens: int | None = None
     """Longest prompt in tokens; None: max_model_len - 1."""
+    torch_threads: int | None = None
+    """Intra-op threads for torch on CPU; None keeps torch's default. 1 is best when several
+    workers share a few cores (OpenMP threads spinning against each other slow everything)."""
     aging_s: float = 30.0
     """Seconds of waiting that lift a request one lane (against starvation); 0 disables aging."""
     preemption: bool = True

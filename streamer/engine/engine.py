@@ -94,6 +94,8 @@ class Engine:
     def _load(self) -> None:
         cfg = self.config
         model_lib.check_devices(cfg.devices)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
         dtype = model_lib.resolve_dtype(cfg.dtype, cfg.devices)
         self.tokenizer = model_lib.load_tokenizer(cfg.model)
         hf, shape = model_lib.load_model(cfg.model, dtype)
