@@ -173,6 +173,8 @@ class WorkerConfig:
     """How long cancels are remembered (and replayed on start)."""
     shutdown_grace_s: float = 30.0
     """On SIGTERM, how long in-flight work may finish before it is handed back uncommitted."""
+    max_outstanding_outputs: int = 20_000
+    """Unacknowledged output messages at which intake pauses (resumes below half)."""
     stall_timeout_s: float = 60.0
     """Work queued but no engine step finished for this long: /healthz fails, stages are logged."""
     log_prompts: bool = False

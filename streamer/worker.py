@@ -106,6 +106,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._busy_reported = [0.0] * len(config.engine.devices)
         self._broker_ok = True
+        self._outputs_blocked = False
+        self.output_pauses = 0
         self._stall: str | None = None
 
     # ------------------------------------------------------------------ health
@@ -338,8 +340,21 @@ class Worker:
         """Pause a lane's partitions while its waiting queue is full; resume when it drains."""
         if self.consumer is None or self.engine.scheduler is None:
             return
+        # Outputs the broker has not acknowledged yet: past the limit every lane pauses, so a
+        # broker that stops taking outputs cannot grow the worker's memory (nothing is dropped).
+        outstanding = self.publisher.outstanding
+        limit = self.config.max_outstanding_outputs
+        if outstanding >= limit and not self._outputs_blocked:
+            self._outputs_blocked = True
+            self.output_pauses += 1
+            self.log.warning("intake_paused_for_outputs", outstanding=outstanding, limit=limit)
+        elif self._outputs_blocked and outstanding < limit // 2:
+            self._outputs_blocked = False
+            self.log.info("intake_resumed_for_outputs", outstanding=outstanding)
         for topic, (lane, _) in self.lanes.items():
-            full = self.engine.scheduler.num_waiting_in(lane) >= self.config.lane_capacity
+            full = self._outputs_blocked or (
+                self.engine.scheduler.num_waiting_in(lane) >= self.config.lane_capacity
+            )
             tps = [tp for tp in self.consumer.assignment() if tp.topic == topic]
             if full and topic not in self._paused:
                 self._paused.add(topic)

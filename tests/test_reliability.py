@@ -125,10 +125,11 @@ async def _outcomes(kafka_settings, prefix: str, expected: Counter, timeout: flo
     return seen
 
 
-async def _in_process_worker(kafka_settings, prefix, tiny_model, **engine) -> tuple[Worker, asyncio.Task]:  # type: ignore[no-untyped-def]
+async def _in_process_worker(kafka_settings, prefix, tiny_model, worker_options=None, **engine) -> tuple[Worker, asyncio.Task]:  # type: ignore[no-untyped-def]
     config = WorkerConfig(
         engine=EngineConfig(model=str(tiny_model), kv_cache_bytes=64 << 20, **engine),
-        kafka=kafka_settings, prefix=prefix, metrics_port=0, worker_id="inproc")
+        kafka=kafka_settings, prefix=prefix, metrics_port=0, worker_id="inproc",
+        **(worker_options or {}))
     worker = Worker(config)
     task = asyncio.create_task(worker.run())
     deadline = time.monotonic() + 60
@@ -229,5 +230,24 @@ async def test_soak_no_leaks(kafka_settings, prefix, tiny_model) -> None:
         assert worker.offsets.pending() == 0
         assert tasks_after <= tasks_before
         assert rss_after - rss_before < 60_000  # KiB
+    finally:
+        await _stop(worker, task)
+
+
+async def test_unacknowledged_outputs_pause_intake_without_losing_anything(
+    kafka_settings, prefix, tiny_model
+) -> None:
+    """With a tiny outstanding-output limit the worker keeps pausing intake, and still completes
+    every request: output backpressure throttles, it never drops."""
+    worker, task = await _in_process_worker(kafka_settings, prefix, tiny_model,
+                                            worker_options={"max_outstanding_outputs": 4})
+    try:
+        async with StreamerClient(kafka_settings, prefix) as client:
+            handles = [await client.submit(p, max_tokens=16) for p in PROMPTS[:16]]
+            results = await asyncio.gather(*(h.result(120) for h in handles))
+        assert worker.output_pauses > 0
+        for result, prompt in zip(results, PROMPTS[:16], strict=True):
+            assert result.outcome.type is EventType.COMPLETED
+            assert result.text == greedy_text(tiny_model, prompt, 16)
     finally:
         await _stop(worker, task)

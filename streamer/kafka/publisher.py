@@ -37,6 +37,7 @@ class Publisher:
             request_timeout_ms=30_000,
         )
         self._started = False
+        self._outstanding = 0
 
     async def start(self) -> None:
         if not self._started:
@@ -48,6 +49,19 @@ class Publisher:
             self._started = False
             await self._producer.flush()
             await self._producer.stop()
+
+    @property
+    def outstanding(self) -> int:
+        """Messages handed to the producer and not yet acknowledged (or failed) by the broker."""
+        return self._outstanding
+
+    def _track(self, ack: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        self._outstanding += 1
+        ack.add_done_callback(self._acked)
+        return ack
+
+    def _acked(self, _: asyncio.Future[Any]) -> None:
+        self._outstanding -= 1
 
     async def probe(self, timeout: float) -> bool:
         """Whether the broker answers a metadata request within `timeout` seconds."""
@@ -72,11 +86,13 @@ class Publisher:
             attempt=chunk.attempt,
             traceparent=traceparent,
         )
-        return await self._producer.send(
-            self.tokens_topic,
-            protocol.encode(chunk),
-            key=chunk.request_id.encode(),
-            headers=headers,
+        return self._track(
+            await self._producer.send(
+                self.tokens_topic,
+                protocol.encode(chunk),
+                key=chunk.request_id.encode(),
+                headers=headers,
+            )
         )
 
     async def send_event(
@@ -89,11 +105,13 @@ class Publisher:
             attempt=event.attempt,
             traceparent=traceparent,
         )
-        return await self._producer.send(
-            self.events_topic,
-            protocol.encode(event),
-            key=event.request_id.encode(),
-            headers=headers,
+        return self._track(
+            await self._producer.send(
+                self.events_topic,
+                protocol.encode(event),
+                key=event.request_id.encode(),
+                headers=headers,
+            )
         )
 
     def event(self, request_id: str, type_: EventType, **fields: Any) -> Event:
@@ -126,4 +144,6 @@ class Publisher:
         if value is not None and len(value) > DLQ_MAX_VALUE_BYTES:
             out_headers += [("truncated", b"true"), ("original-size", str(len(value)).encode())]
             value = value[:DLQ_MAX_VALUE_BYTES]
-        return await self._producer.send(self.dlq_topic, value, key=key, headers=out_headers)
+        return self._track(
+            await self._producer.send(self.dlq_topic, value, key=key, headers=out_headers)
+        )
