@@ -123,7 +123,9 @@ async def run_demo(*, fast: bool = False, workers: int = 2) -> int:
         console.print(f"      {model}")
         console.print(f"[bold]4/5[/] starting a fleet of {workers} workers in one consumer group")
         fleet = Fleet(
-            ["--model", str(model), "--bootstrap-servers", broker.bootstrap_servers],
+            # One torch thread each: two workers share this machine's cores.
+            ["--model", str(model), "--bootstrap-servers", broker.bootstrap_servers,
+             "--torch-threads", "1"],
             workers=workers,
             base_metrics_port=0,
             log_dir=STATE_DIR / "demo-logs",
