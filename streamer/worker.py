@@ -390,15 +390,7 @@ class Worker:
         async for out in flight.stream:
             if out.kind is OutputKind.STARTED:
                 started_wall = time.time()
-                await publisher.send_event(
-                    publisher.event(
-                        request.id,
-                        EventType.STARTED,
-                        attempt=flight.attempt,
-                        priority=flight.priority,
-                    ),
-                    traceparent=flight.traceparent,
-                )
+                await self._announce(flight, EventType.STARTED)
                 self.metrics.request_queue_time.labels(flight.priority).observe(
                     max(0.0, started_wall - produced_at)
                 )
@@ -420,17 +412,16 @@ class Worker:
                 self.metrics.generation_tokens.inc(len(out.token_ids))
             elif out.kind is OutputKind.PREEMPTED:
                 self.metrics.num_preemptions.inc()
-                await publisher.send_event(
-                    publisher.event(
-                        request.id,
-                        EventType.PREEMPTED,
-                        attempt=flight.attempt,
-                        priority=flight.priority,
-                    ),
-                    traceparent=flight.traceparent,
-                )
+                await self._announce(flight, EventType.PREEMPTED)
             elif out.kind is OutputKind.FINISHED:
                 await self._finish(flight, out, chunk_acks, started_wall, first_token_wall, bound)
+
+    async def _announce(self, flight: InFlight, event_type: EventType) -> None:
+        """A non-terminal event of the flight's attempt (not awaited: only outcomes are)."""
+        event = self.publisher.event(
+            flight.request.id, event_type, attempt=flight.attempt, priority=flight.priority
+        )
+        await self.publisher.send_event(event, traceparent=flight.traceparent)
 
     async def _finish(
         self,

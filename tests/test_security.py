@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -26,6 +25,7 @@ import trustme
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
+from conftest import _docker_engine_answers
 
 from streamer.broker import EmbeddedBroker, free_port, port_open
 from streamer.config import SASL_MECHANISMS, KafkaSettings
@@ -510,15 +510,6 @@ def test_password_not_in_repr_of_any_settings_holder() -> None:
 
 
 # -- SASL against real Kafka (Docker) --------------------------------------------------------------
-
-
-def _docker_engine_answers() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 def _sasl_kafka_skip_reason() -> str | None:
