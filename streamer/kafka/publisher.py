@@ -79,40 +79,47 @@ class Publisher:
     async def send_chunk(
         self, chunk: TokenChunk, *, priority: str, traceparent: bytes | None
     ) -> asyncio.Future[Any]:
-        headers = protocol.output_headers(
+        return await self._send_output(
+            self.tokens_topic,
+            chunk,
             chunk.request_id,
             "token",
-            priority=priority,
-            attempt=chunk.attempt,
-            traceparent=traceparent,
-        )
-        return self._track(
-            await self._producer.send(
-                self.tokens_topic,
-                protocol.encode(chunk),
-                key=chunk.request_id.encode(),
-                headers=headers,
-            )
+            priority,
+            chunk.attempt,
+            traceparent,
         )
 
     async def send_event(
         self, event: Event, *, traceparent: bytes | None = None
     ) -> asyncio.Future[Any]:
-        headers = protocol.output_headers(
+        return await self._send_output(
+            self.events_topic,
+            event,
             event.request_id,
             str(event.type),
-            priority=event.priority,
-            attempt=event.attempt,
-            traceparent=traceparent,
+            event.priority,
+            event.attempt,
+            traceparent,
         )
-        return self._track(
-            await self._producer.send(
-                self.events_topic,
-                protocol.encode(event),
-                key=event.request_id.encode(),
-                headers=headers,
-            )
+
+    async def _send_output(
+        self,
+        topic: str,
+        message: TokenChunk | Event,
+        request_id: str,
+        event_type: str,
+        priority: str | None,
+        attempt: str | None,
+        traceparent: bytes | None,
+    ) -> asyncio.Future[Any]:
+        """Keyed by request id, readable headers; returns the broker's acknowledgement future."""
+        headers = protocol.output_headers(
+            request_id, event_type, priority=priority, attempt=attempt, traceparent=traceparent
         )
+        ack = await self._producer.send(
+            topic, protocol.encode(message), key=request_id.encode(), headers=headers
+        )
+        return self._track(ack)
 
     def event(self, request_id: str, type_: EventType, **fields: Any) -> Event:
         return Event(
