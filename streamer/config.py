@@ -126,6 +126,9 @@ class EngineConfig:
     """Seconds of waiting that lift a request one lane (against starvation); 0 disables aging."""
     preemption: bool = True
     """Preempt lower-lane running sequences when a higher-lane request finds no slot."""
+    test_gate: str | None = None
+    """Test-only (STREAMER_TEST_GATE): path of a gate file that holds engine steps while it
+    exists (see docs/testing.md). Production never sets it."""
 
     def validate(self) -> None:
         errors = []
