@@ -7,6 +7,7 @@ structs field by field. JSON on the wire, UTF-8, Kafka key = request id on every
 from __future__ import annotations
 
 import enum
+import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -73,6 +74,7 @@ class ErrorCode(enum.StrEnum):
     # failed: the worker could not finish it.
     MODEL_ERROR = "model_error"
     INTERNAL = "internal"
+    OUTPUT_TOO_LARGE = "output_too_large"
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +216,17 @@ def output_headers(
     if traceparent:
         headers.append(("traceparent", traceparent))
     return headers
+
+
+_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def valid_traceparent(value: bytes | None) -> bytes | None:
+    """The W3C `traceparent` header if well formed (55 bytes), else None: it is copied to every
+    output of the request, so an oversized or malformed one is dropped, not propagated."""
+    if value is None or len(value) != 55 or not _TRACEPARENT.fullmatch(value):
+        return None
+    return value
 
 
 def request_topic(prefix: str, priority: str) -> str:

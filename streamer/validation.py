@@ -66,17 +66,18 @@ def parse_request(
     limits = limits or RequestLimits()
     if value is None:
         return DeadLetter(ErrorCode.UNDECODABLE, "record has no value (tombstone)")
-    if len(value) > limits.max_message_bytes:
+    size = record_size(value, headers)
+    if size > limits.max_message_bytes:
         return DeadLetter(
             ErrorCode.MESSAGE_TOO_LARGE,
-            f"record is {len(value)} bytes; the limit is "
+            f"record is {size} bytes (value and headers); the limit is "
             f"max_message_bytes={limits.max_message_bytes}",
         )
     try:
         raw = msgspec.json.decode(value)
     # RecursionError: msgspec recurses on deeply nested JSON; it must never kill the worker.
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError) as exc:
-        return DeadLetter(ErrorCode.UNDECODABLE, f"not valid UTF-8 JSON: {_short(exc)}")
+        return DeadLetter(ErrorCode.UNDECODABLE, f"not valid UTF-8 JSON: {short(exc)}")
     if not isinstance(raw, dict):
         return DeadLetter(ErrorCode.INVALID_ID, f"expected a JSON object, got {type(raw).__name__}")
     request_id = raw.get("id")
@@ -90,13 +91,13 @@ def parse_request(
         return Rejection(
             request_id,
             ErrorCode.UNSUPPORTED_PROTOCOL,
-            f"{PROTOCOL_HEADER} header {version!r} names an unknown major version; "
+            f"{PROTOCOL_HEADER} header {short(repr(version), 64)} names an unknown major version; "
             f"this worker speaks {PROTOCOL_VERSION}",
         )
     try:
         request = msgspec.convert(raw, GenerationRequest)
     except (msgspec.ValidationError, RecursionError) as exc:
-        return Rejection(request_id, ErrorCode.INVALID_FIELD, _short(exc))
+        return Rejection(request_id, ErrorCode.INVALID_FIELD, short(exc))
     problem = _semantic_problem(request, limits)
     if problem is not None:
         code, message = problem
@@ -155,6 +156,11 @@ def _semantic_problem(
     return None
 
 
+def record_size(value: bytes | None, headers: Sequence[tuple[str, bytes | None]]) -> int:
+    """Bytes of a record's value and headers: both travel with it and both are echoed."""
+    return len(value or b"") + sum(len(k) + len(v or b"") for k, v in headers)
+
+
 def _nesting(value: object) -> int:
     """Levels of nested objects/arrays, counted without recursion (the value may be deep)."""
     depth, level = 0, [value]
@@ -173,6 +179,6 @@ def _header(headers: Sequence[tuple[str, bytes]], name: str) -> bytes | None:
     return None
 
 
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc) or type(exc).__name__
+def short(exc: BaseException | str, limit: int = 300) -> str:
+    text = exc if isinstance(exc, str) else str(exc) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,4 +1,4 @@
-"""Tests for the commit watermark tracker (streamer.kafka.offsets)."""
+"""Tests for the commit watermark tracker (streamer.commits.offsets)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from streamer.kafka.offsets import OffsetTracker
+from streamer.commits.offsets import OffsetTracker
 
 T = "requests"
 

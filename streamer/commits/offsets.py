@@ -130,6 +130,15 @@ class OffsetTracker:
         """Drop a partition's state (it was revoked); unknown partitions are ignored."""
         self._partitions.pop((topic, partition), None)
 
+    def position(self, topic: str, partition: int) -> int | None:
+        """What a commit would leave: the lowest unfinished offset, else one past the highest
+        finished, else where consumption started (None: the partition is unknown)."""
+        state = self._partitions.get((topic, partition))
+        if state is None:
+            return None
+        position = state.position()
+        return state.floor if position is None else position
+
     def pending(self, topic: str | None = None, partition: int | None = None) -> int:
         """Number of tracked-but-unfinished offsets, optionally for one topic/partition."""
         return sum(

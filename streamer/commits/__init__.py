@@ -1,0 +1,1 @@
+"""Commits: the pure offset watermark tracker and the loop that commits it."""

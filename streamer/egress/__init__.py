@@ -1,0 +1,1 @@
+"""Egress: everything a worker produces (token chunks, lifecycle events, dead letters)."""

@@ -1,0 +1,1 @@
+"""Health: readiness, liveness and the stall watchdog."""

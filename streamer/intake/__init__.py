@@ -1,0 +1,1 @@
+"""Intake: consume, decode, validate, prepare (template, tokens, limits), backpressure, dedup."""
