@@ -16,6 +16,7 @@ import structlog
 
 from streamer.aio import cancel_and_wait
 from streamer.broker import free_port
+from streamer.observability.http import DEFAULT_METRICS_PORT, port_in_use
 
 log = structlog.get_logger(__name__)
 
@@ -35,11 +36,16 @@ class WorkerProcess:
 
 @dataclass
 class Fleet:
-    """Runs `streamer worker` N times; worker i serves metrics on base_port + i."""
+    """Runs `streamer worker` N times; worker i serves metrics on base_port + i.
+
+    `worker_args` are passed to every worker, followed by its own `--metrics-port`. A base port
+    of 0 gives every worker a free port; None gives worker i 9400 + i, or a free port when that
+    one is taken. Either way the state file names the port each worker got.
+    """
 
     worker_args: list[str]
     workers: int = 2
-    base_metrics_port: int = 9400
+    base_metrics_port: int | None = 9400
     env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
     state_file: Path | None = STATE_FILE
@@ -63,7 +69,10 @@ class Fleet:
         self._write_state()
 
     async def _spawn(self, proc: WorkerProcess) -> None:
-        if not self.base_metrics_port:
+        if self.base_metrics_port is None:
+            wanted = DEFAULT_METRICS_PORT + proc.index
+            proc.metrics_port = free_port() if port_in_use(wanted) else wanted
+        elif not self.base_metrics_port:
             # A concrete free port, so the state file (read by `streamer top`) names a real one.
             proc.metrics_port = free_port()
         env = {**os.environ, **self.env, "STREAMER_WORKER_ID": f"worker-{proc.index}"}
@@ -153,7 +162,7 @@ class Fleet:
         self.state_file.write_text(json.dumps(state, indent=2))
 
 
-async def run_fleet(worker_args: list[str], workers: int, base_port: int) -> int:
+async def run_fleet(worker_args: list[str], workers: int, base_port: int | None) -> int:
     fleet = Fleet(worker_args, workers, base_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
