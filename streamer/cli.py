@@ -113,7 +113,6 @@ def _first(error: BaseException) -> BaseException:
 def cmd_worker(args: argparse.Namespace) -> int:
     from streamer.observability.http import MetricsPortInUse
     from streamer.observability.logging import configure_logging
-    from streamer.worker import Worker
 
     configure_logging(_log_level(args))
     try:
@@ -121,6 +120,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"streamer worker: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    from streamer.worker import Worker  # torch and transformers: only for a valid config
 
     async def main() -> None:
         worker = Worker(config)

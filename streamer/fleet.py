@@ -23,6 +23,15 @@ log = structlog.get_logger(__name__)
 STATE_FILE = Path(".streamer/fleet.json")
 
 
+def worker_metrics_port(base: int | None, index: int) -> int:
+    """Worker `index`'s metrics port: base + index; base 0: a free port; None: 9400 + index, or
+    a free port when that one is taken."""
+    if base is None:
+        wanted = DEFAULT_METRICS_PORT + index
+        return free_port() if port_in_use(wanted) else wanted
+    return base + index if base else free_port()
+
+
 @dataclass
 class WorkerProcess:
     index: int
@@ -69,12 +78,9 @@ class Fleet:
         self._write_state()
 
     async def _spawn(self, proc: WorkerProcess) -> None:
-        if self.base_metrics_port is None:
-            wanted = DEFAULT_METRICS_PORT + proc.index
-            proc.metrics_port = free_port() if port_in_use(wanted) else wanted
-        elif not self.base_metrics_port:
-            # A concrete free port, so the state file (read by `streamer top`) names a real one.
-            proc.metrics_port = free_port()
+        if not self.base_metrics_port:
+            # A concrete port, so the state file (read by `streamer top`) names a real one.
+            proc.metrics_port = worker_metrics_port(self.base_metrics_port, proc.index)
         env = {**os.environ, **self.env, "STREAMER_WORKER_ID": f"worker-{proc.index}"}
         out = None
         if self.log_dir is not None:
