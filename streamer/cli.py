@@ -155,8 +155,8 @@ def fleet_worker_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, s.name, None)
         if value is None or s.flag is None or s.name == "metrics_port":
             continue
-        if s.kind is bool:
-            argv.append(s.flag if value else f"--no-{s.flag.removeprefix('--')}")
+        if s.off_flag:
+            argv.append(s.flag if value else s.off_flag)
         else:
             argv.append(f"{s.flag}={value}")
     if args.log_level is not None:

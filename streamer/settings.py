@@ -84,12 +84,12 @@ class Setting:
     @property
     def kind(self) -> type:
         """int, float, str, bool or tuple."""
-        return get_origin(self.inner) or self.inner  # type: ignore[no-any-return]
+        return get_origin(self.inner) or self.inner
 
     @property
     def item(self) -> type:
         """The element type of a tuple, else the kind."""
-        return get_args(self.inner)[0] if self.kind is tuple else self.kind  # type: ignore[no-any-return]
+        return get_args(self.inner)[0] if self.kind is tuple else self.kind
 
     def parse(self, raw: str) -> Any:
         """A flag's or variable's text as the field's type; ValueError says what was expected.
@@ -100,6 +100,11 @@ class Setting:
         if self.kind is tuple:
             return tuple(_scalar(self.item, x.strip()) for x in text.split(",") if x.strip())
         return _scalar(self.kind, raw if self.kind is str else text)
+
+    @property
+    def off_flag(self) -> str | None:
+        """`--no-x` for a boolean `--x`."""
+        return f"--no-{self.flag.removeprefix('--')}" if self.kind is bool and self.flag else None
 
     @property
     def metavar(self) -> str | None:
@@ -177,10 +182,14 @@ def settings() -> tuple[Setting, ...]:
                 aliases=tuple(f.metadata.get("aliases", ())),
                 secret=not f.repr,
             ))
-    for what in ("name", "env"):
-        names = [getattr(s, what) for s in found]
-        if len(set(names)) != len(names):
-            raise RuntimeError(f"two settings share a {what}: {sorted(names)}")
+    for s in found:
+        if s.item not in (int, float, str, bool) or (s.kind is tuple and s.item is bool):
+            raise TypeError(f"setting {s.name}: {s.hint} has no text form; use int, float, str, "
+                            "bool, a tuple of int/float/str, or one of those | None")
+    for what, names in (("name", [s.name for s in found]), ("variable", [s.env for s in found]),
+                        ("flag", [f for s in found for f in (s.flag, *s.aliases) if f])):
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise RuntimeError(f"settings share a {what}: {twice}")
     return tuple(found)
 
 
@@ -255,14 +264,15 @@ def settings_markdown() -> str:
         "where each came from.",
     ]
     for section in SECTIONS:
-        lines += ["", f"## {section.title}", "", "| Flag | Environment | Default | Description |",
-                  "|---|---|---|---|"]
+        intro = " ".join((section.cls.__doc__ or "").split())
+        lines += ["", f"## {section.title}", "", intro, "",
+                  "| Flag | Environment | Default | Description |", "|---|---|---|---|"]
         for s in settings():
             if s.section != section.attr:
                 continue
             flags = [s.flag, *s.aliases] if s.flag else []
-            if s.kind is bool and s.flag:
-                flags = [f"{s.flag} / --no-{s.flag[2:]}"]
+            if s.off_flag:
+                flags = [f"{s.flag} / {s.off_flag}", *s.aliases]
             flag = ", ".join(f"`{f}`" for f in flags) or "–"
             cells = [flag, f"`{s.env}`", f"`{s.default_text}`", s.help]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
