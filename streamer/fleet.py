@@ -54,7 +54,7 @@ class Fleet:
 
     worker_args: list[str]
     workers: int = 2
-    base_metrics_port: int | None = 9400
+    base_metrics_port: int | None = DEFAULT_METRICS_PORT
     env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
     state_file: Path | None = STATE_FILE
