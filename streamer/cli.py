@@ -8,26 +8,70 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from streamer import protocol
-from streamer.config import EngineConfig, KafkaSettings, WorkerConfig, env_overrides
+from streamer.config import KafkaSettings, WorkerConfig
+from streamer.settings import (
+    SECTIONS,
+    load_worker_config,
+    resolve_settings,
+    settings,
+    settings_markdown,
+)
+
+
+def setting_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings flags of a parsed command line: setting name -> text (None: not given)."""
+    return {s.name: getattr(args, s.name, None) for s in settings()}
+
+
+def add_setting_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    sections: Collection[str] | None = None,
+    exclude: Collection[str] = (),
+    help_overrides: Mapping[str, str] | None = None,
+) -> None:
+    """One flag per setting, generated from the config dataclasses, grouped by section.
+
+    Values stay text (None when not given), so flags and environment variables go through one
+    parser (`streamer.settings.resolve_settings`) and one error message.
+    """
+    help_overrides = help_overrides or {}
+    for section in SECTIONS:
+        if sections is not None and section.attr not in sections:
+            continue
+        group = parser.add_argument_group(f"{section.title.lower()} settings")
+        for s in settings():
+            if s.section != section.attr or s.flag is None or s.name in exclude:
+                continue
+            text = help_overrides.get(s.name, s.help)
+            text = f"{text} [{s.env}; default {s.default_text}]".replace("%", "%%")
+            if s.kind is bool:
+                group.add_argument(s.flag, *s.aliases, dest=s.name, default=None, help=text,
+                                   action=argparse.BooleanOptionalAction)
+            else:
+                group.add_argument(s.flag, *s.aliases, dest=s.name, default=None, help=text,
+                                   metavar=s.metavar)
 
 
 def _kafka(args: argparse.Namespace) -> KafkaSettings:
-    return KafkaSettings.from_env(bootstrap_servers=getattr(args, "bootstrap_servers", None))
+    return KafkaSettings.from_env(**setting_flags(args))
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--bootstrap-servers",
-        help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:9092)",
-    )
     parser.add_argument(
         "--prefix",
         default=os.environ.get("STREAMER_PREFIX", "llm"),
         help="topic prefix (default llm)",
     )
+    add_setting_flags(parser, sections=("kafka",))
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    return str(args.log_level or os.environ.get("STREAMER_LOG_LEVEL", "INFO"))
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -56,55 +100,27 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
-    """Flags, then STREAMER_* environment variables, then defaults."""
-    engine_values = env_overrides(EngineConfig)
-    flags = {
-        "model": args.model,
-        "devices": tuple(args.devices.split(",")) if args.devices else None,
-        "layer_split": tuple(int(x) for x in args.layer_split.split(","))
-        if args.layer_split
-        else None,
-        "dtype": args.dtype,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "kv_cache_bytes": args.kv_cache_bytes,
-        "max_model_len": args.max_model_len,
-        "default_max_tokens": args.default_max_tokens,
-        "aging_s": args.aging_s,
-        "torch_threads": args.torch_threads,
-    }
-    engine_values.update({k: v for k, v in flags.items() if v is not None})
-    worker_values = env_overrides(WorkerConfig)
-    worker_values.pop("engine", None)
-    worker_values.pop("kafka", None)
-    worker_values.pop("limits", None)
-    wflags = {
-        "group_id": args.group,
-        "metrics_port": args.metrics_port,
-        "worker_id": args.worker_id,
-        "group_instance_id": args.group_instance_id,
-        "lane_capacity": args.lane_capacity,
-        "prefix": args.prefix,
-        "log_prompts": True if args.log_prompts else None,
-        "stall_timeout_s": args.stall_timeout_s,
-        "shutdown_grace_s": args.shutdown_grace_s,
-    }
-    worker_values.update({k: v for k, v in wflags.items() if v is not None})
-    config = WorkerConfig(engine=EngineConfig(**engine_values), kafka=_kafka(args), **worker_values)
-    config.validate()
-    return config
+    """Flags, then STREAMER_* environment variables, then defaults; validated."""
+    return load_worker_config(setting_flags(args))
+
+
+def _first(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from streamer.observability.http import MetricsPortInUse
     from streamer.observability.logging import configure_logging
-    from streamer.worker import Worker
 
-    configure_logging(args.log_level)
+    configure_logging(_log_level(args))
     try:
         config = worker_config(args)
     except ValueError as exc:
         print(f"streamer worker: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    from streamer.worker import Worker  # torch and transformers: only for a valid config
 
     async def main() -> None:
         worker = Worker(config)
@@ -113,21 +129,88 @@ def cmd_worker(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, worker.request_stop)
         await worker.run()
 
-    asyncio.run(main())
+    in_use = None
+    try:
+        asyncio.run(main())
+    except* MetricsPortInUse as group:
+        in_use = _first(group)
+    if in_use is not None:
+        print(f"streamer worker: {in_use}", file=sys.stderr)
+        return 2
     return 0
+
+
+#: Per-worker settings a fleet cannot hand to all its workers: it names them worker-0, worker-1...
+FLEET_EXCLUDED = ("worker_id", "group_instance_id")
+
+
+def fleet_worker_args(args: argparse.Namespace) -> list[str]:
+    """The worker flags given to `streamer fleet`, as each worker's arguments.
+
+    Only flags given are passed (workers inherit the environment, so precedence is the same as
+    for one worker); the metrics port is not: the fleet gives worker i its own.
+    """
+    argv = []
+    for s in settings():
+        value = getattr(args, s.name, None)
+        if value is None or s.flag is None or s.name == "metrics_port":
+            continue
+        if s.off_flag:
+            argv.append(s.flag if value else s.off_flag)
+        else:
+            argv.append(f"{s.flag}={value}")
+    if args.log_level is not None:
+        argv.append(f"--log-level={args.log_level}")
+    return argv
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
     from streamer.fleet import run_fleet
+    from streamer.observability.http import port_in_use
     from streamer.observability.logging import configure_logging
 
-    configure_logging(args.log_level)
-    worker_args = ["--model", args.model, "--prefix", args.prefix]
-    if args.devices:
-        worker_args += ["--devices", args.devices]
-    if args.bootstrap_servers:
-        worker_args += ["--bootstrap-servers", args.bootstrap_servers]
-    return asyncio.run(run_fleet(worker_args, args.workers, args.metrics_port))
+    configure_logging(_log_level(args))
+    try:
+        # The workers' configuration, checked once here rather than N times in a restart loop.
+        config = worker_config(args)
+        if args.workers < 1:
+            raise ValueError(f"--workers={args.workers} must be >= 1")
+        base = config.metrics_port
+        if base and base + args.workers > 65536:
+            raise ValueError(f"metrics_port={base} leaves no port for {args.workers} workers")
+    except ValueError as exc:
+        print(f"streamer fleet: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    taken = [base + i for i in range(args.workers) if base and port_in_use(base + i)]
+    if taken:
+        print(f"streamer fleet: metrics ports {taken} are already in use: choose another "
+              "--metrics-port, 0 for free ports, or leave it unset", file=sys.stderr)
+        return 2
+    return asyncio.run(run_fleet(fleet_worker_args(args), args.workers, base))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(settings_markdown(), end="")
+        return 0
+    try:
+        flags = setting_flags(args)
+        given = resolve_settings(flags)
+        config = load_worker_config(flags, validate=False)
+    except ValueError as exc:
+        print(f"streamer config: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    for s in settings():
+        value = getattr(getattr(config, s.section) if s.section else config, s.name)
+        shown = "***" if s.secret and value is not None else repr(value)
+        source = given.get(s.name, (None, "default"))[1]
+        print(f"{s.env:36} {shown:30} {'environment' if source == s.env else source}")
+    try:
+        config.validate()
+    except ValueError as exc:
+        print(f"invalid configuration: {exc}")
+        return 2
+    return 0
 
 
 def cmd_model(args: argparse.Namespace) -> int:
@@ -218,58 +301,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_topics)
 
-    for name in ("worker", "fleet"):
-        p = sub.add_parser(
-            name,
-            help="serve requests"
-            if name == "worker"
-            else "run N worker processes in one group, restarting any that die",
-        )
-        p.add_argument(
-            "--model",
-            default=os.environ.get("STREAMER_MODEL"),
-            help="Hugging Face model folder or id",
-        )
-        p.add_argument("--devices", help="pipeline stages, e.g. cpu | cpu,cpu | cuda:0,cuda:1")
-        p.add_argument("--metrics-port", type=int, help="Prometheus port (0: pick a free one)")
-        p.add_argument("--log-level", default=os.environ.get("STREAMER_LOG_LEVEL", "INFO"))
-        _add_common(p)
-        if name == "worker":
-            p.add_argument("--layer-split", help="layers per stage, e.g. 3,5")
-            p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-            p.add_argument("--max-num-seqs", type=int)
-            p.add_argument("--max-num-batched-tokens", type=int)
-            p.add_argument("--kv-cache-bytes", type=int)
-            p.add_argument("--max-model-len", type=int)
-            p.add_argument("--default-max-tokens", type=int)
-            p.add_argument("--torch-threads", type=int,
-                           help="torch intra-op threads on CPU (1 when workers share few cores)")
-            p.add_argument(
-                "--aging-s", type=float, help="waiting seconds that lift a request one lane"
-            )
-            p.add_argument("--group", help="consumer group (default streamer-workers)")
-            p.add_argument("--worker-id", default=None)
-            p.add_argument("--group-instance-id", help="static membership id")
-            p.add_argument("--lane-capacity", type=int)
-            p.add_argument(
-                "--stall-timeout-s",
-                type=float,
-                help="no step this long with work queued: unhealthy (default 60)",
-            )
-            p.add_argument(
-                "--shutdown-grace-s",
-                type=float,
-                help="SIGTERM: time for in-flight work to finish (default 30)",
-            )
-            p.add_argument(
-                "--log-prompts",
-                action="store_true",
-                help="log prompt text at debug level (never logged otherwise)",
-            )
-            p.set_defaults(func=cmd_worker)
-        else:
-            p.add_argument("--workers", type=int, default=2)
-            p.set_defaults(func=cmd_fleet, metrics_port=9400)
+    p = sub.add_parser("worker", help="serve requests")
+    p.add_argument("--log-level", help="log level [STREAMER_LOG_LEVEL; default INFO]")
+    add_setting_flags(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "fleet",
+        help="run N worker processes in one group, restarting any that die",
+        description="Runs N `streamer worker` processes in one consumer group. Every worker flag "
+        "below is passed to each worker (except --worker-id and --group-instance-id: the fleet "
+        "names its workers); worker i serves metrics on the base port + i.",
+    )
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--log-level", help="log level of the fleet and its workers "
+                   "[STREAMER_LOG_LEVEL; default INFO]")
+    add_setting_flags(p, exclude=FLEET_EXCLUDED, help_overrides={
+        "metrics_port": "first worker's metrics port; worker i gets this + i. none: 9400 + i, "
+        "or a free port when that is taken; 0: free ports",
+    })
+    p.set_defaults(func=cmd_fleet)
+
+    p = sub.add_parser(
+        "config",
+        help="print the settings a worker would use and where each came from",
+        description="Prints every setting: its environment variable, the value a worker given "
+        "the same flags and environment would use, and where that came from.",
+    )
+    p.add_argument("--markdown", action="store_true",
+                   help="print the settings reference (docs/configuration.md) instead")
+    add_setting_flags(p)
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("model", help="offline model folders")
     msub = p.add_subparsers(dest="action", required=True)

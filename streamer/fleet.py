@@ -16,10 +16,20 @@ import structlog
 
 from streamer.aio import cancel_and_wait
 from streamer.broker import free_port
+from streamer.observability.http import DEFAULT_METRICS_PORT, port_in_use
 
 log = structlog.get_logger(__name__)
 
 STATE_FILE = Path(".streamer/fleet.json")
+
+
+def worker_metrics_port(base: int | None, index: int) -> int:
+    """Worker `index`'s metrics port: base + index; base 0: a free port; None: 9400 + index, or
+    a free port when that one is taken."""
+    if base is None:
+        wanted = DEFAULT_METRICS_PORT + index
+        return free_port() if port_in_use(wanted) else wanted
+    return base + index if base else free_port()
 
 
 @dataclass
@@ -35,11 +45,16 @@ class WorkerProcess:
 
 @dataclass
 class Fleet:
-    """Runs `streamer worker` N times; worker i serves metrics on base_port + i."""
+    """Runs `streamer worker` N times; worker i serves metrics on base_port + i.
+
+    `worker_args` are passed to every worker, followed by its own `--metrics-port`. A base port
+    of 0 gives every worker a free port; None gives worker i 9400 + i, or a free port when that
+    one is taken. Either way the state file names the port each worker got.
+    """
 
     worker_args: list[str]
     workers: int = 2
-    base_metrics_port: int = 9400
+    base_metrics_port: int | None = DEFAULT_METRICS_PORT
     env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
     state_file: Path | None = STATE_FILE
@@ -64,8 +79,8 @@ class Fleet:
 
     async def _spawn(self, proc: WorkerProcess) -> None:
         if not self.base_metrics_port:
-            # A concrete free port, so the state file (read by `streamer top`) names a real one.
-            proc.metrics_port = free_port()
+            # A concrete port, so the state file (read by `streamer top`) names a real one.
+            proc.metrics_port = worker_metrics_port(self.base_metrics_port, proc.index)
         env = {**os.environ, **self.env, "STREAMER_WORKER_ID": f"worker-{proc.index}"}
         out = None
         if self.log_dir is not None:
@@ -153,7 +168,7 @@ class Fleet:
         self.state_file.write_text(json.dumps(state, indent=2))
 
 
-async def run_fleet(worker_args: list[str], workers: int, base_port: int) -> int:
+async def run_fleet(worker_args: list[str], workers: int, base_port: int | None) -> int:
     fleet = Fleet(worker_args, workers, base_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -29,11 +29,15 @@ class RequestLimits:
     max_prompt_chars: int = 400_000
     """Prompt (or all message contents together) longer than this is rejected before tokenizing."""
     max_stop_strings: int = 16
+    """Most stop strings one request may give."""
     max_stop_string_chars: int = 256
+    """Longest stop string, in characters."""
     max_metadata_bytes: int = 16_384
+    """Largest `metadata`, in bytes of JSON."""
     max_metadata_depth: int = 32
     """Nesting of `metadata`; it is re-encoded on events, where deep nesting would overflow."""
     max_messages: int = 512
+    """Most chat messages in one request."""
 
     def validate(self) -> None:
         bad = {k: v for k, v in vars(self).items() if not isinstance(v, int) or v < 1}

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import socket
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self
@@ -35,6 +37,35 @@ _REASONS = {
 _MAX_HEADER_BYTES = 16 * 1024
 _READ_TIMEOUT_S = 5.0
 
+DEFAULT_METRICS_PORT = 9400
+"""The port a server without an explicit one tries first (falling back to a free port)."""
+
+
+class MetricsPortInUse(OSError):
+    """An explicitly requested metrics port is taken; the message says what to do."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(
+            f"metrics port {port} on {host} is already in use: choose another with "
+            "--metrics-port / STREAMER_METRICS_PORT, 0 for a free one, or leave it unset "
+            f"({DEFAULT_METRICS_PORT}, or a free port when that is taken)"
+        )
+        self.errno = errno.EADDRINUSE
+        self.port = port
+
+
+def port_in_use(port: int, host: str = "0.0.0.0") -> bool:
+    """Whether binding `host:port` fails because something listens there (as the server binds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
 
 def _always_ok() -> bool:
     return True
@@ -48,7 +79,9 @@ class MetricsServer:
         healthy: liveness check for ``/healthz`` (process alive, loop not stalled).
         ready: readiness check for ``/readyz`` (model loaded, consuming).
         host: address to bind; ``0.0.0.0`` so probes from outside a container reach it.
-        port: port to bind; 0 picks a free one, readable from :attr:`port` after start.
+        port: port to bind; 0 picks a free one, readable from :attr:`port` after start. None
+            (the default): :data:`DEFAULT_METRICS_PORT`, or a free port (logged) when that one is
+            taken. A port given explicitly that is taken raises :class:`MetricsPortInUse`.
 
     A check that raises counts as failing (503), so a bug in a check cannot crash the server
     or, worse, report healthy.
@@ -61,13 +94,14 @@ class MetricsServer:
         healthy: Check = _always_ok,
         ready: Check = _always_ok,
         host: str = "0.0.0.0",
-        port: int = 9400,
+        port: int | None = None,
     ) -> None:
         self._render = render
         self._healthy = healthy
         self._ready = ready
         self.host = host
-        self.port = port
+        self.port: int = DEFAULT_METRICS_PORT if port is None else port
+        self._fallback = port is None
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -77,14 +111,26 @@ class MetricsServer:
         return self._server is not None
 
     async def start(self, host: str | None = None, port: int | None = None) -> None:
-        """Bind and start serving; ``port=0`` picks a free port and stores it in :attr:`port`."""
+        """Bind and start serving; ``port=0`` picks a free port and stores it in :attr:`port`.
+
+        Raises :class:`MetricsPortInUse` when an explicit port is taken; without one, a taken
+        default port falls back to a free port.
+        """
         if self._server is not None:
             raise RuntimeError("MetricsServer already started")
         if host is not None:
             self.host = host
         if port is not None:
-            self.port = port
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+            self.port, self._fallback = port, False
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            if not self._fallback:
+                raise MetricsPortInUse(self.host, self.port) from None
+            log.warning("metrics port %d is in use; taking a free port", self.port)
+            self._server = await asyncio.start_server(self._handle, self.host, 0)
         # One socket: we bind one concrete address, so port 0 resolves to one port.
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("metrics server listening on %s:%d", self.host, self.port)
