@@ -200,12 +200,6 @@ class WorkerConfig:
     even when the broker is gone."""
     max_outstanding_outputs: int = 20_000
     """Unacknowledged output messages at which intake pauses (resumes below half)."""
-    revoke_wait_s: float = 10.0
-    """On a revoke, how long requests of revoked partitions may take to stop before they are
-    handed back uncommitted."""
-    shutdown_timeout_s: float = 10.0
-    """Bound on the final flush, commit and group leave after the grace period, so a worker
-    exits even when the broker is gone."""
     stall_timeout_s: float = 60.0
     """Work queued but no engine step finished for this long: /healthz fails, stages are logged."""
     log_prompts: bool = False
