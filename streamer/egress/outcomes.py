@@ -89,7 +89,7 @@ class Outcomes:
                                priority: str) -> None:
         """A record the Kafka client could not decode: its position and the error, no content."""
         ack = await self.publisher.send_dead_letter(
-            value=None, key=None, source_topic=topic, partition=partition, offset=offset,
+            value=None, key=f"{topic}/{partition}/{offset}".encode(), source_topic=topic, partition=partition, offset=offset,
             error=str(ErrorCode.UNDECODABLE), message=f"the Kafka client cannot decode it: {error}",
         )
         await ack

@@ -184,6 +184,9 @@ class Publisher:
         if self._stopping:
             done.set_exception(PublisherStopped(repr(exc)))
             return
+        if not isinstance(exc, KafkaError | ConnectionError | TimeoutError):
+            done.set_exception(exc)  # a bug, not an outage: retrying would not help
+            return
         if tries == 0 or tries % 20 == 0:
             log.warning("output_send_retrying", topic=topic, tries=tries + 1,
                         error=repr(exc)[:200])
