@@ -188,6 +188,12 @@ async def _bounded(name: str, step: Awaitable[Any], timeout: float) -> None:
         await asyncio.wait_for(step, timeout)
     except TimeoutError:
         log.warning("shutdown_step_timed_out", step=name, timeout_s=timeout)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # we are being cancelled: pass it on
+        # aiokafka's stop() can leak the cancellation of its own background tasks.
+        log.warning("shutdown_step_cancelled", step=name)
     except Exception as exc:
         log.warning("shutdown_step_failed", step=name, error=repr(exc)[:200],
                     after_s=round(time.monotonic() - began, 1))

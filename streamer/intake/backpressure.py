@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Backpressure:
-    """Pause a lane while its waiting queue is full; pause every lane while the broker holds back
+    """Pause a lane while its waiting queue is full (resume below half); pause every lane while the broker holds back
     too many outputs (resume below half), so a stalled broker cannot grow the worker's memory."""
 
     lane_capacity: int
@@ -25,9 +25,12 @@ class Backpressure:
             self.output_pauses += 1
         elif self.outputs_blocked and outstanding < limit // 2:
             self.outputs_blocked = False
+        # A paused lane resumes below half its capacity, so it does not flap at the limit.
+        resume_below = max(1, self.lane_capacity // 2)
         full = {
             lane for lane, n in enumerate(waiting)
             if self.outputs_blocked or n >= self.lane_capacity
+            or (lane in self.paused and n >= resume_below)
         }
         pause, resume = full - self.paused, self.paused - full
         self.paused = full
