@@ -69,6 +69,7 @@ class Worker:
             stall_timeout_s=config.stall_timeout_s,
             devices=config.engine.devices,
         )
+        self.intake.on_assignment = lambda: self.metrics.set_ready(self.health.ready()[0])
         self.server = MetricsServer(
             lambda: render(self.metrics), healthy=self.health.healthy, ready=self.health.ready,
             port=config.metrics_port,
@@ -87,6 +88,8 @@ class Worker:
 
     async def run(self) -> None:
         cfg = self.config
+        # Every log line of this worker (and of the tasks it starts) names it.
+        structlog.contextvars.bind_contextvars(worker=self.name)
         try:
             await self.server.start()
             self.log.info("metrics_listening", port=self.server.port)

@@ -51,14 +51,24 @@ async def test_metrics_account_for_every_request(start_worker, client) -> None:
     worker = start_worker()
     handles = [await client.submit(p, priority=("urgent", "low")[i % 2], max_tokens=5 + i)
                for i, p in enumerate(PROMPTS[:10])]
+    rejected = client.follow("rej")
     await client.produce_raw(b'{"id": "rej", "prompt": "x", "top_p": 7}', priority="high")
     await client.produce_raw(b"\x00 garbage", priority="high")
     results = await asyncio.gather(*(h.result(120) for h in handles))
-    rejected = client.follow("rej")
-    await asyncio.sleep(1.0)
+    assert (await rejected.result(120)).outcome.type is EventType.REJECTED
     port = worker.metrics_port
     assert port is not None
-    samples = _samples(port)
+    # Outcomes are counted once acknowledged, which the client may see first: wait until every
+    # outcome is counted (an eventual condition), then check each count exactly.
+    def counted() -> list | None:  # type: ignore[type-arg]
+        samples = _samples(port)
+        done = (_sum(samples, "streamer_requests_total", outcome="completed") >= 10
+                and _sum(samples, "streamer_requests_total", outcome="rejected") >= 1
+                and _sum(samples, "streamer_requests_total", outcome="dlq") >= 1
+                and _sum(samples, "streamer_num_requests_running") == 0
+                and any(n == "streamer_consumer_lag" for n, _ in samples))
+        return samples if done else None
+    samples = await _wait(counted, timeout=60)
     completed = [r for r in results if r.outcome.type is EventType.COMPLETED]
     assert _sum(samples, "streamer_requests_total", outcome="completed") == len(completed) == 10
     assert _sum(samples, "streamer_requests_total", outcome="rejected", priority="high") == 1
@@ -134,7 +144,7 @@ async def test_watchdog_flags_a_stalled_stage(kafka_settings, prefix, tiny_model
     task = asyncio.create_task(worker.run())
     release = threading.Event()
     try:
-        await _wait(lambda: worker._ready()[0] or None, timeout=60)
+        await _wait(lambda: worker.ready()[0] or None, timeout=60)
         stage = worker.engine.pipeline.stages[0]
         real_forward = stage.forward
 
@@ -148,7 +158,7 @@ async def test_watchdog_flags_a_stalled_stage(kafka_settings, prefix, tiny_model
         async with StreamerClient(kafka_settings, prefix) as client:
             handle = await client.submit("stall me", max_tokens=3)
             await _wait(lambda: _status(port, "/healthz") == 503 or None, timeout=30)
-            assert "no engine step" in (worker._stall or "")
+            assert "no engine step" in (worker.health.stall or "")
             release.set()
             assert (await handle.result(60)).outcome.type is EventType.COMPLETED
             await _wait(lambda: _status(port, "/healthz") == 200 or None, timeout=30)

@@ -30,9 +30,9 @@ SERVED_BEFORE_RESTART = 5_000
 async def _wait_for_log(path: Path, text: str, proc: subprocess.Popen[bytes],
                         timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while text not in path.read_text(errors="replace"):
-        assert proc.poll() is None, path.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"no {text!r}: " + path.read_text()[-3000:]
+    while text not in (log := await asyncio.to_thread(path.read_text, errors="replace")):
+        assert proc.poll() is None, log[-3000:]
+        assert time.monotonic() < deadline, f"no {text!r}: " + log[-3000:]
         await asyncio.sleep(0.2)
 
 

@@ -133,7 +133,7 @@ async def _in_process_worker(kafka_settings, prefix, tiny_model, worker_options=
     worker = Worker(config)
     task = asyncio.create_task(worker.run())
     deadline = time.monotonic() + 60
-    while not worker._ready()[0]:
+    while not worker.ready()[0]:
         assert time.monotonic() < deadline and not task.done()
         await asyncio.sleep(0.1)
     return worker, task
@@ -223,10 +223,10 @@ async def test_soak_no_leaks(kafka_settings, prefix, tiny_model) -> None:
         engine = worker.engine
         print(f"\nsoak: 2100 requests; RSS {rss_before} -> {rss_after} KiB; tasks {tasks_before} ->"
               f" {tasks_after}; engine requests {engine.num_requests}; slots in use "
-              f"{engine.scheduler.slots_in_use()}; worker in flight {len(worker._inflight)}")
+              f"{engine.scheduler.slots_in_use()}; worker in flight {len(worker.intake.flights)}")
         assert engine.num_requests == 0 and engine.scheduler.slots_in_use() == 0
         assert engine.scheduler.num_waiting == 0 and engine.scheduler.num_running == 0
-        assert not worker._inflight and not worker._by_record
+        assert not len(worker.intake.flights)
         assert worker.offsets.pending() == 0
         assert tasks_after <= tasks_before
         assert rss_after - rss_before < 60_000  # KiB
@@ -245,7 +245,7 @@ async def test_unacknowledged_outputs_pause_intake_without_losing_anything(
         async with StreamerClient(kafka_settings, prefix) as client:
             handles = [await client.submit(p, max_tokens=16) for p in PROMPTS[:16]]
             results = await asyncio.gather(*(h.result(120) for h in handles))
-        assert worker.output_pauses > 0
+        assert worker.intake.backpressure.output_pauses > 0
         for result, prompt in zip(results, PROMPTS[:16], strict=True):
             assert result.outcome.type is EventType.COMPLETED
             assert result.text == greedy_text(tiny_model, prompt, 16)

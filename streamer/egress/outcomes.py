@@ -89,8 +89,10 @@ class Outcomes:
                                priority: str) -> None:
         """A record the Kafka client could not decode: its position and the error, no content."""
         ack = await self.publisher.send_dead_letter(
-            value=None, key=f"{topic}/{partition}/{offset}".encode(), source_topic=topic, partition=partition, offset=offset,
-            error=str(ErrorCode.UNDECODABLE), message=f"the Kafka client cannot decode it: {error}",
+            value=None, key=f"{topic}/{partition}/{offset}".encode(), source_topic=topic,
+            partition=partition, offset=offset,
+            error=str(ErrorCode.UNDECODABLE),
+            message=f"the Kafka client cannot decode it: {error}",
         )
         await ack
         log.warning("dead_letter_stub", topic=topic, partition=partition, offset=offset,

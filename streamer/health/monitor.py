@@ -103,19 +103,27 @@ class Health:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            ok = bool(await self._probe(3.0))  # type: ignore[misc]
-            now = time.monotonic()
-            line = self.outage.observe(ok, now)
-            if line == "up":
-                log.warning("broker_reachable_again")
-            elif line == "down":
-                since = self.outage.since or now
-                log.error("broker_unreachable", outage_s=round(now - since, 1))
-            self.broker_ok = ok
-            self.check_stall(now)
-            self.metrics.set_ready(self.ready()[0])
-            self._on_tick()
-            self.metrics.refresh_device_stats(self.devices)
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a failing check must not end the checks
+                log.exception("health_check_failed")
+
+    async def _tick(self) -> None:
+        ok = bool(await self._probe(3.0))  # type: ignore[misc]
+        now = time.monotonic()
+        line = self.outage.observe(ok, now)
+        if line == "up":
+            log.warning("broker_reachable_again")
+        elif line == "down":
+            since = self.outage.since or now
+            log.error("broker_unreachable", outage_s=round(now - since, 1))
+        self.broker_ok = ok
+        self.check_stall(now)
+        self.metrics.set_ready(self.ready()[0])
+        self._on_tick()
+        self.metrics.refresh_device_stats(self.devices)
 
     def check_stall(self, now: float) -> None:
         scheduler = self.engine.scheduler

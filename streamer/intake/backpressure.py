@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Backpressure:
-    """Pause a lane while its waiting queue is full (resume below half); pause every lane while the broker holds back
-    too many outputs (resume below half), so a stalled broker cannot grow the worker's memory."""
+    """Pause a lane while its waiting queue is full; pause every lane while the broker holds back
+    too many outputs, so a stalled broker cannot grow the worker's memory. Both resume below
+    half their limit, so they do not flap."""
 
     lane_capacity: int
     max_outstanding_outputs: int

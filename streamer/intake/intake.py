@@ -65,6 +65,7 @@ class Intake:
         self.poisoned = 0
         self.before_revoke: Callable[[], Awaitable[None]] | None = None
         """Set by the worker: commit what is finished before partitions move."""
+        self.on_assignment: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -288,6 +289,8 @@ class Intake:
             if tps:
                 self.consumer.pause(*tps)
         self.assigned = True
+        if self.on_assignment is not None:
+            self.on_assignment()
         log.info("partitions_assigned", count=len(assigned))
 
 
