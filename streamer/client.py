@@ -181,7 +181,7 @@ class StreamerClient:
         for topic in (protocol.tokens_topic(self.prefix), protocol.events_topic(self.prefix)):
             partitions = self._consumer.partitions_for_topic(topic)
             if not partitions:
-                await self._consumer._client.force_metadata_update()
+                await self._consumer.topics()  # refreshes metadata
                 partitions = self._consumer.partitions_for_topic(topic)
             if not partitions:
                 raise RuntimeError(f"topic {topic} does not exist: run `streamer topics apply`")
@@ -249,6 +249,11 @@ class StreamerClient:
             headers=out + list(headers or []),
         )
 
+    @property
+    def open_requests(self) -> int:
+        """Requests whose outcome has not been delivered yet (their handles are held)."""
+        return len(self._handles)
+
     def follow(self, request_id: str) -> RequestHandle:
         """Follow a request produced elsewhere (from now on)."""
         return self._handles.setdefault(request_id, RequestHandle(request_id))
@@ -273,5 +278,7 @@ class StreamerClient:
                             handle._on_chunk(protocol.decode_chunk(record.value))
                         else:
                             handle._on_event(protocol.decode_event(record.value))
-                    except msgspec.DecodeError:
+                    except (msgspec.DecodeError, msgspec.ValidationError):
                         continue  # not ours to judge: another producer's message on the topic
+                    if handle.done:  # the outcome is delivered: later messages are duplicates
+                        self._handles.pop(handle.request_id, None)

@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamer.protocol import PRIORITIES
 from streamer.validation import RequestLimits
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
@@ -243,5 +242,3 @@ def _below(config: object, least: float, *names: str) -> list[str]:
         if getattr(config, name) is not None and getattr(config, name) < least
     ]
 
-
-PRIORITY_LANES = PRIORITIES

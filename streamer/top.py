@@ -29,6 +29,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from streamer.config import DEFAULT_GROUP, consumer_group
 from streamer.observability.scrape import (
     Buckets,
     WorkerScrape,
@@ -99,7 +100,7 @@ class Snapshot:
     """Why there is no backlog (Kafka unreachable...); None when the backlog was read."""
     window_s: float | None = None
     prefix: str = "llm"
-    group: str = "streamer-workers"
+    group: str = DEFAULT_GROUP
     taken_at: float = 0.0
     """Wall-clock time of the snapshot."""
 
@@ -121,7 +122,7 @@ def build_snapshot(
     backlog_error: str | None = None,
     *,
     prefix: str = "llm",
-    group: str = "streamer-workers",
+    group: str = DEFAULT_GROUP,
     taken_at: float | None = None,
 ) -> Snapshot:
     """Combine this round's scrapes with the last round's (for rates) and the lane backlog.
@@ -445,11 +446,6 @@ def resolve_targets(targets: str | None, state_file: Path = FLEET_STATE_FILE) ->
     return [DEFAULT_TARGET]
 
 
-def consumer_group(prefix: str, group: str | None = None) -> str:
-    """The workers' consumer group, as ``WorkerConfig.consumer_group`` derives it."""
-    if group:
-        return group
-    return "streamer-workers" if prefix == "llm" else f"{prefix}-streamer-workers"
 
 
 async def run_top(args: argparse.Namespace, console: Console | None = None) -> int:

@@ -7,6 +7,7 @@ served with the reference text; committed offsets reach the end of every request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -16,11 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from kafka_helpers import committed_reaches_end
 from reference import PROMPTS, greedy_text
 
 from streamer import protocol
-from streamer.config import consumer_group
+from streamer.client import StreamerClient
 from streamer.protocol import EventType
 
 pytestmark = pytest.mark.kafka
@@ -72,33 +74,6 @@ def produce_undecodable_header(bootstrap: str, topic: str, partition: int) -> in
         timeout=60, check=True,
     )
     return int(out.stdout.strip())
-
-
-async def committed_reaches_end(kafka_settings, prefix: str, timeout: float = 90) -> dict:  # type: ignore[no-untyped-def]
-    """Poll until the group's committed offset equals the end offset of every request partition."""
-    consumer = AIOKafkaConsumer(**kafka_settings.client_kwargs(), group_id=consumer_group(prefix),
-                                enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(protocol.request_topic(prefix, p), i)
-               for p in protocol.PRIORITIES
-               for i in sorted(consumer.partitions_for_topic(protocol.request_topic(prefix, p))
-                               or await _partitions(consumer, protocol.request_topic(prefix, p)))]
-        ends = await consumer.end_offsets(tps)
-        deadline = time.monotonic() + timeout
-        while True:
-            committed = {tp: (await consumer.committed(tp)) or 0 for tp in tps}
-            behind = {tp: (committed[tp], ends[tp]) for tp in tps if committed[tp] < ends[tp]}
-            if not behind or time.monotonic() > deadline:
-                return behind
-            await asyncio.sleep(0.5)
-    finally:
-        await consumer.stop()
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    await consumer.topics()
-    return consumer.partitions_for_topic(topic) or set()
 
 
 async def read_dlq(kafka_settings, prefix: str, expect: int, timeout: float = 60) -> list:  # type: ignore[no-untyped-def]
@@ -185,3 +160,47 @@ async def test_two_workers_survive_every_poison_pill(
         assert worker.process.poll() is None, worker.log()[-2000:]
         assert "traceparent" not in worker.log() or "f" * 1000 not in worker.log()
         assert "task_failed" not in worker.log()
+
+
+async def test_the_control_listener_survives_bad_records_and_is_supervised(
+    kafka_settings, kafka_bootstrap, prefix, tiny_model
+) -> None:
+    from streamer.config import EngineConfig, WorkerConfig
+    from streamer.worker import Worker
+
+    config = WorkerConfig(engine=EngineConfig(model=str(tiny_model), kv_cache_bytes=64 << 20),
+                          kafka=kafka_settings, prefix=prefix, metrics_port=0, worker_id="ctl")
+    worker = Worker(config)
+    task = asyncio.create_task(worker.run())
+    control = protocol.control_topic(prefix)
+    producer = AIOKafkaProducer(**kafka_settings.client_kwargs(), enable_idempotence=False)
+    await producer.start()
+    try:
+        deadline = time.monotonic() + 90
+        while not worker.ready()[0]:
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.1)
+        for value in (b"\xff\xfe", b'{"type": "cancel"}', b"[" * 50_000, b'{"type": "pause"}'):
+            await producer.send_and_wait(control, value, key=b"junk", partition=0)
+        await asyncio.to_thread(produce_undecodable_header, kafka_bootstrap, control, 0)
+        cancel = protocol.ControlMessage(type="cancel", request_id="c1")
+        await producer.send_and_wait(control, protocol.encode(cancel), key=b"c1", partition=0)
+        while "c1" not in worker.control.cancels:  # read past every bad record
+            assert time.monotonic() < deadline + 60 and worker.control.alive
+            await asyncio.sleep(0.05)
+        assert worker.control.skipped >= 5
+        async with StreamerClient(kafka_settings, prefix) as client:
+            handle = await client.submit("cancelled before it arrived", request_id="c1")
+            assert (await handle.result(60)).outcome.type is EventType.CANCELLED
+        assert worker.healthy() == (True, "ok")
+
+        assert worker.control._task is not None
+        worker.control._task.cancel()  # the listener dies: liveness says so
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker.control._task
+        ok, reason = worker.healthy()
+        assert not ok and "control listener" in reason
+    finally:
+        await producer.stop()
+        worker.request_stop()
+        await asyncio.wait_for(task, 60)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from conftest import ROOT
+from kafka_helpers import committed_reaches_end
 from reference import PROMPTS, greedy_text, max_tokens_for
 
 from streamer import protocol
@@ -197,25 +198,7 @@ async def test_killed_worker_loses_nothing(start_worker, client, kafka_settings,
     assert all(r.outcome.type is EventType.COMPLETED for r in results)
     assert any(r.attempts_seen >= 2 or r.outcome.worker == "w1" for r in results)
     # Everything finished, so the group's committed offsets reach the end of every partition.
-    await asyncio.sleep(1.5)
-    consumer = AIOKafkaConsumer(**kafka_settings.client_kwargs(), group_id="probe-no-commit")
-    await consumer.start()
-    try:
-        group = AIOKafkaConsumer(**kafka_settings.client_kwargs(),
-                                 group_id=f"{prefix}-streamer-workers", enable_auto_commit=False)
-        await group.start()
-        try:
-            for priority in protocol.PRIORITIES:
-                topic = protocol.request_topic(prefix, priority)
-                tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-                ends = await consumer.end_offsets(tps)
-                for tp in tps:
-                    if ends[tp]:
-                        assert await group.committed(tp) == ends[tp], tp
-        finally:
-            await group.stop()
-    finally:
-        await consumer.stop()
+    assert await committed_reaches_end(kafka_settings, prefix) == {}
 
 
 async def test_two_stage_worker_matches_reference_and_both_stages_work(

@@ -75,6 +75,7 @@ class ControlListener:
         self._kafka = kafka
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._fetcher: Fetcher | None = None
         self.failure: str | None = None
         self.skipped = 0
 
@@ -103,6 +104,9 @@ class ControlListener:
         except Exception as exc:  # a broker without ListOffsets by time: replay all retained
             log.warning("control_replay_by_time_unavailable", error=repr(exc))
             await self._consumer.seek_to_beginning(*tps)
+        self._fetcher = Fetcher(self._consumer, max_records=500)
+        for tp in tps:
+            self._fetcher.remember(tp, await self._consumer.position(tp))
         self._task = asyncio.create_task(self._supervise(), name="control")
 
     async def _partitions(self) -> list[TopicPartition]:
@@ -125,8 +129,8 @@ class ControlListener:
             await consumer.stop()
 
     async def _supervise(self) -> None:
-        assert self._consumer is not None
-        fetcher = Fetcher(self._consumer, max_records=500)
+        fetcher = self._fetcher
+        assert fetcher is not None
         backoff = 0.1
         while True:
             try:

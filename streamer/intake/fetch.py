@@ -50,8 +50,10 @@ class Fetcher:
         for tp in partitions:
             self._next.pop(tp, None)
 
-    def reset(self) -> None:
-        self._next.clear()
+    def remember(self, tp: TopicPartition, offset: int) -> None:
+        """Where a partition starts when no record was handed out yet (consumers without a
+        group have no committed offset to fall back to)."""
+        self._next[tp] = offset
 
     async def fetch(
         self, timeout_ms: int
