@@ -343,9 +343,10 @@ def test_paged_attention_equals_the_definition(window, softcap, use_sinks) -> No
     hq, hkv, d, bs = 6, 2, 8, 4
     layout = KVLayout((0,), hkv, d, bs, torch.float64)
     pool = KVPool(layout, 32)
-    # Three sequences: a decode with 12 cached tokens, a chunk of 5 after 6 cached, a fresh prompt.
-    starts, lens = [12, 6, 0, 3], [1, 5, 7, 1]
-    tables = [[3, 9, 1, 4], [0, 7, 12], [20, 21], [30]]
+    # A decode with 12 cached tokens, a chunk of 5 after 6 cached, a fresh prompt, a decode after
+    # 3, a chunk of 3 after 14 (its window starts two blocks in).
+    starts, lens = [12, 6, 0, 3, 14], [1, 5, 7, 1, 3]
+    tables = [[3, 9, 1, 4], [0, 7, 12], [20, 21], [30], [5, 6, 8, 10, 11]]
     history = [
         torch.randn(s + n, 2, hkv, d, generator=gen, dtype=torch.float64)
         for s, n in zip(starts, lens, strict=True)

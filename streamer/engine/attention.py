@@ -48,17 +48,28 @@ class _Decodes:
     rows: torch.Tensor  # [B] long: their token's row in the packed step
     tables: torch.Tensor  # [B, nb] long: block tables (padded with block 0, masked)
     context_lens: torch.Tensor  # [B] long: keys each attends to (cached + the new one)
-    length: int  # L = nb * block_size: keys in the gathered view
-    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    block_size: int
+    views: dict[int | None, tuple[torch.Tensor, int, torch.Tensor]] = field(default_factory=dict)
 
-    def mask(self, window: int | None) -> torch.Tensor:  # [B, 1, 1, L] bool
-        if window not in self.masks:
-            keys = torch.arange(self.length, device=self.rows.device)[None, :]
-            visible = keys < self.context_lens[:, None]
+    def keys(self, window: int | None) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Blocks to gather (flat [B * nb']), keys per row L = nb' * block_size, and the mask
+        [B, 1, 1, L]. A sliding layer reads only the blocks its window overlaps."""
+        if window not in self.views:
+            b, nb = self.tables.shape
+            bs, ctx = self.block_size, self.context_lens
+            first = torch.zeros_like(ctx)  # first block each sequence reads
+            width = nb if window is None else min(nb, -(-window // bs) + 1)
+            if width < nb:
+                first = ((ctx - window).clamp(min=0) // bs).clamp(max=nb - width)
+            index = first[:, None] + torch.arange(width, device=ctx.device)  # [B, nb']
+            offsets = torch.arange(bs, device=ctx.device)
+            positions = (index[:, :, None] * bs + offsets).view(b, width * bs)  # [B, L]
+            visible = positions < ctx[:, None]
             if window is not None:
-                visible &= keys > (self.context_lens - 1 - window)[:, None]
-            self.masks[window] = visible[:, None, None, :]
-        return self.masks[window]
+                visible &= positions > (ctx - 1 - window)[:, None]
+            blocks = self.tables.gather(1, index).flatten()
+            self.views[window] = (blocks, width * bs, visible[:, None, None, :])
+        return self.views[window]
 
 
 @dataclass
@@ -69,21 +80,25 @@ class _Prefill:
     num_tokens: int
     context_len: int  # keys it attends to (cached prefix + this chunk)
     blocks: torch.Tensor  # [nb] long
-    masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
+    block_size: int
+    views: dict[tuple[int | None, int], tuple[torch.Tensor, int, torch.Tensor]] = field(
+        default_factory=dict
+    )
 
-    def mask(self, window: int | None, groups: int) -> torch.Tensor:  # [G * n, L] bool
+    def keys(self, window: int | None, groups: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Blocks to gather, keys to keep from them (L) and the mask [G * n, L]."""
         key = (window, groups)
-        if key not in self.masks:
+        if key not in self.views:
+            ctx, n, bs = self.context_len, self.num_tokens, self.block_size
+            first = 0 if window is None else max(0, ctx - n - window + 1) // bs
             device = self.blocks.device
-            keys = torch.arange(self.context_len, device=device)[None, :]
-            queries = torch.arange(
-                self.context_len - self.num_tokens, self.context_len, device=device
-            )[:, None]
-            visible = keys <= queries
+            positions = torch.arange(first * bs, ctx, device=device)[None, :]
+            queries = torch.arange(ctx - n, ctx, device=device)[:, None]
+            visible = positions <= queries
             if window is not None:
-                visible &= keys > queries - window
-            self.masks[key] = visible.repeat(groups, 1)
-        return self.masks[key]
+                visible &= positions > queries - window
+            self.views[key] = (self.blocks[first:], ctx - first * bs, visible.repeat(groups, 1))
+        return self.views[key]
 
 
 class PagedStep:
@@ -135,7 +150,7 @@ class PagedStep:
                 rows=firsts[index].to(device),
                 tables=tables[index, :nb].to(device),
                 context_lens=c_lens[index].to(device),
-                length=nb * bs,
+                block_size=bs,
             )
         self.prefills = [
             _Prefill(
@@ -143,6 +158,7 @@ class PagedStep:
                 num_tokens=q,
                 context_len=context_lens[i],
                 blocks=tables[i, : -(-context_lens[i] // bs)].to(device),
+                block_size=bs,
             )
             for i, q in enumerate(query_lens)
             if q > 1
@@ -232,31 +248,39 @@ def paged_attention_forward(
     out = q.new_empty(num_tokens, num_heads, dv)
     dtype = q.dtype
 
-    # 2a. All single-token sequences at once.
+    # 2a. All single-token sequences at once, over a gathered [B, L] view of their blocks.
     dec = step.decodes
     if dec is not None:
-        b, length = dec.tables.shape[0], dec.length
+        b = dec.rows.shape[0]
+        blocks, length, mask = dec.keys(window)
         qd = q.index_select(0, dec.rows).view(b, num_kv, groups, head_dim)  # [B, Hkv, G, D]
-        keys = k_cache[dec.tables].view(b, length, num_kv, head_dim).transpose(1, 2)
-        values = v_cache[dec.tables].view(b, length, num_kv, dv).transpose(1, 2)  # [B,Hkv,L,D]
+        keys = k_cache.index_select(0, blocks).view(b, length, num_kv, head_dim).transpose(1, 2)
+        values = v_cache.index_select(0, blocks).view(b, length, num_kv, dv).transpose(1, 2)
         sink = None if sinks is None else sinks.view(1, num_kv, groups, 1)
-        od = _attend(qd, keys.to(dtype), values.to(dtype), dec.mask(window), scale, softcap, sink)
-        out.index_copy_(0, dec.rows, od.reshape(b, num_heads, dv))
+        od = _attend(qd, keys.to(dtype), values.to(dtype), mask, scale, softcap, sink)
+        out.index_copy_(0, dec.rows, od.reshape(b, num_heads, dv))  # od: [B, Hkv, G, D]
 
     # 2b. Each prompt chunk: causal within itself, full over its cached prefix.
     for pre in step.prefills:
-        n, ctx = pre.num_tokens, pre.context_len
+        n = pre.num_tokens
+        blocks, length, mask = pre.keys(window, groups)
         qp = q[pre.start : pre.start + n].view(n, num_kv, groups, head_dim)
         qp = qp.permute(1, 2, 0, 3).reshape(num_kv, groups * n, head_dim)  # [Hkv, G*n, D]
-        keys = k_cache[pre.blocks].view(-1, num_kv, head_dim)[:ctx].transpose(0, 1)
-        values = v_cache[pre.blocks].view(-1, num_kv, dv)[:ctx].transpose(0, 1)  # [Hkv, L, D]
+        keys = k_cache.index_select(0, blocks).view(-1, num_kv, head_dim)[:length]
+        values = v_cache.index_select(0, blocks).view(-1, num_kv, dv)[:length]  # [L, Hkv, D]
         sink = None
         if sinks is not None:
             sink = sinks.view(num_kv, groups, 1).expand(num_kv, groups, n)
             sink = sink.reshape(num_kv, groups * n, 1)
         op = _attend(
-            qp, keys.to(dtype), values.to(dtype), pre.mask(window, groups), scale, softcap, sink
-        )
+            qp,
+            keys.transpose(0, 1).to(dtype),
+            values.transpose(0, 1).to(dtype),
+            mask,
+            scale,
+            softcap,
+            sink,
+        )  # [Hkv, G*n, D]
         out[pre.start : pre.start + n] = (
             op.view(num_kv, groups, n, dv).permute(2, 0, 1, 3).reshape(n, num_heads, dv)
         )
