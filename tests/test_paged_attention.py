@@ -3,7 +3,8 @@
 Every architecture runs through its own decoder layers with the one registered attention
 function: Llama, Mistral with a sliding window, Qwen2 (q/k/v biases), Gemma 3 (sliding and full
 layers, a small window), Gemma 2 (attention and final logit soft-capping), Phi-3 (fused qkv and
-gate/up projections) and GPT-NeoX (fused qkv, partial rotary, parallel residual, LayerNorm).
+gate/up projections), GPT-NeoX (fused qkv, partial rotary, parallel residual, LayerNorm) and
+gpt-oss (attention sinks, alternating sliding layers, mixture of experts).
 Scenarios: batches of different lengths with chunked prefill and mixed prefill + decode steps, a
 prefix-cache hit on a shared prefix, and preemption with recompute.
 """
@@ -53,7 +54,13 @@ SMALL: dict[str, Any] = dict(
 
 def _config(arch: str) -> tuple[Any, float]:
     """A tiny config and the logit scale that makes its greedy choices decisive."""
-    from transformers import Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, Phi3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GPTNeoXConfig,
+        GptOssConfig,
+        Phi3Config,
+    )
 
     if arch in ("llama", "qwen2"):
         return build_config(TinyModelSpec(arch=arch)), 40.0
@@ -83,6 +90,18 @@ def _config(arch: str) -> tuple[Any, float]:
     if arch == "phi3":
         small = {**SMALL, "num_hidden_layers": 2}
         return Phi3Config(**small, original_max_position_embeddings=256), 40.0
+    if arch == "gpt_oss":  # attention sinks, alternating sliding layers, MoE
+        small = {**SMALL, "num_hidden_layers": 2}
+        config = GptOssConfig(
+            **small,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+        return config, 40.0
     if arch == "gpt_neox":
         small = {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}
         return GPTNeoXConfig(**small, rotary_pct=0.25, use_parallel_residual=True), 40.0
@@ -100,6 +119,8 @@ def _decisive_init(model: Any, logit_scale: float, seed: int = 0) -> None:
             if param.ndim >= 2:
                 fan_in = param.shape[1]
                 param.normal_(0.0, 0.1 * math.sqrt(128 / fan_in), generator=gen)
+            elif name.endswith("sinks"):
+                param.normal_(0.0, 1.0, generator=gen)
             elif name.endswith(".bias"):
                 param.normal_(0.0, 0.05, generator=gen)
             elif gemma:
@@ -112,7 +133,7 @@ def _decisive_init(model: Any, logit_scale: float, seed: int = 0) -> None:
                     param.mul_(logit_scale)
 
 
-ARCHS = ["llama", "mistral_swa", "qwen2", "gemma3", "gemma2", "phi3", "gpt_neox"]
+ARCHS = ["llama", "mistral_swa", "qwen2", "gemma3", "gemma2", "phi3", "gpt_neox", "gpt_oss"]
 
 
 @dataclass
