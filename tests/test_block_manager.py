@@ -137,18 +137,38 @@ def test_uncomputed_blocks_are_not_hits() -> None:
     bm.check_invariants()
 
 
-def test_duplicate_blocks_stay_private() -> None:
+def test_duplicate_blocks_collapse_to_one_copy_when_freed() -> None:
     bm = BlockManager(16, BS)
     prompt = ids(9)
     bm.allocate("a", prompt)
     bm.allocate("b", prompt)  # allocated before a computed: no hits, own blocks
     computed(bm, "a", prompt)
     computed(bm, "b", prompt)
-    assert bm.stats.cached_blocks == 2  # a's two full blocks; b's copies are not registered
-    bm.deallocate("a")
-    bm.deallocate("b")
+    assert bm.stats.cached_blocks == 4  # both copies of the 2 full blocks are findable
+    bm.deallocate("a")  # a's copies give up their content: b still holds the prefix
+    assert bm.stats.cached_blocks == 2
     bm.check_invariants()
     assert bm.allocate("c", prompt) == 8
+    assert bm.block_table("c")[:2] == bm.block_table("b")[:2]
+    bm.deallocate("b")
+    bm.deallocate("c")
+    assert bm.stats.cached_blocks == 2
+    bm.check_invariants()
+
+
+def test_a_running_copy_keeps_the_prefix_when_the_idle_one_is_evicted() -> None:
+    bm = BlockManager(6, BS)
+    prompt = ids(5)
+    bm.allocate("a", prompt)
+    bm.allocate("b", prompt)
+    computed(bm, "a", prompt)
+    computed(bm, "b", prompt)
+    bm.deallocate("a")  # b's copy remains, a's is dropped
+    bm.allocate("x", ids(8, 100))  # takes free blocks (evicting whatever is idle)
+    assert cached_prefix_blocks(bm, prompt) == 1
+    bm.deallocate("b")
+    assert bm.allocate("b2", prompt) == 4
+    bm.check_invariants()
 
 
 def cached_prefix_blocks(bm: BlockManager, tokens: list[int]) -> int:
@@ -349,6 +369,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 assert digest == parent
             for pos in range(self.bm.num_computed(seq)):  # nobody overwrote computed KV
                 assert self.memory[self.slot(seq, pos)] == tuple(tokens[: pos + 1])
+            # Every computed prefix a running sequence holds can be found by a new prompt.
+            full = self.bm.num_computed(seq) // BS
+            assert len(self.bm._lookup([*tokens[: full * BS], -1])[0]) == full
 
 
 BlockManagerMachine.TestCase.settings = settings(

@@ -13,7 +13,9 @@ Vocabulary
 Prefix caching
 - A full, computed block gets a content hash chained over the whole prefix:
   ``hash_i = H(hash_{i-1}, token ids of block i)``, so equal hashes mean equal prefixes, not merely
-  equal blocks. The hash map sends a hash to the block that holds that prefix.
+  equal blocks. The hash map sends a hash to the blocks that hold that prefix: one, or while
+  sequences that computed the same prefix concurrently are running, each one's copy (a freed
+  copy gives up its content if another remains, so at most one idle copy is kept).
 - `allocate` reuses the longest chain of cached blocks that starts the prompt, but never the whole
   prompt: at least its last token is computed, so the step has logits to sample from.
 - A freed block keeps its hash and stays reusable until the free queue evicts it. The queue is in
@@ -56,7 +58,7 @@ class _Block:
     block_id: int
     ref_count: int = 0
     hash: int | None = None
-    """Set while the block is the registered holder of this prefix hash in the cache map."""
+    """Prefix hash of its content while the block is in the prefix cache (full and computed)."""
 
 
 @dataclass
@@ -116,7 +118,9 @@ class BlockManager:
         # Free queue: the head is handed out (evicted) first. OrderedDict gives O(1) removal of a
         # cached block from the middle when a new sequence reuses it.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self._cache: dict[int, int] = {}  # prefix hash -> block id
+        # Prefix hash -> the blocks holding that prefix (an ordered set). Usually one; sequences
+        # that computed the same prefix concurrently hold copies until all but one are freed.
+        self._cache: dict[int, dict[int, None]] = {}
         self._tables: dict[str, _Table] = {}
         self._query_tokens = 0
         self._hit_tokens = 0
@@ -149,7 +153,7 @@ class BlockManager:
             num_blocks=self.num_blocks,
             used_blocks=self.num_blocks - free,
             free_blocks=free,
-            cached_blocks=len(self._cache),
+            cached_blocks=sum(len(holders) for holders in self._cache.values()),
             query_tokens=self._query_tokens,
             hit_tokens=self._hit_tokens,
         )
@@ -220,12 +224,15 @@ class BlockManager:
             parent = table.hashes[-1] if table.hashes else None
             digest = block_hash(parent, table.token_ids[index * bs : (index + 1) * bs])
             table.hashes.append(digest)
-            block = self._blocks[table.blocks[index]]
-            # The first block computed with a prefix holds it in the map; a duplicate computed
-            # meanwhile by another sequence stays private and is freed without content.
-            if self.prefix_caching and digest not in self._cache and block.hash is None:
-                block.hash = digest
-                self._cache[digest] = block.block_id
+            if self.prefix_caching:
+                for idle in [
+                    b for b in self._cache.get(digest, ()) if not self._blocks[b].ref_count
+                ]:
+                    self._forget(self._blocks[idle])  # an idle copy: the running one replaces it
+                    self._free.move_to_end(idle, last=False)
+                block_id = table.blocks[index]
+                self._blocks[block_id].hash = digest
+                self._cache.setdefault(digest, {})[block_id] = None
 
     def deallocate(self, seq_id: str) -> None:
         """Release a finished or preempted sequence's blocks (cached ones stay reusable)."""
@@ -235,6 +242,8 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None
+                if block.hash is not None and len(self._cache[block.hash]) > 1:
+                    self._forget(block)  # another block holds this prefix: keep only that one
                 if block.hash is None:  # nothing worth keeping: hand it out first
                     self._free.move_to_end(block_id, last=False)
 
@@ -245,8 +254,7 @@ class BlockManager:
         for block_id in list(self._free):
             block = self._blocks[block_id]
             if block.hash is not None:
-                del self._cache[block.hash]
-                block.hash = None
+                self._forget(block)
                 self._free.move_to_end(block_id, last=False)
                 dropped += 1
         return dropped
@@ -264,10 +272,10 @@ class BlockManager:
         parent: int | None = None
         for index in range((len(token_ids) - 1) // bs):
             parent = block_hash(parent, token_ids[index * bs : (index + 1) * bs])
-            block_id = self._cache.get(parent)
-            if block_id is None:
+            holders = self._cache.get(parent)
+            if not holders:
                 break
-            hits.append(block_id)
+            hits.append(next(iter(holders)))
             hashes.append(parent)
         return hits, hashes
 
@@ -280,11 +288,18 @@ class BlockManager:
     def _take_free(self) -> int:
         block_id, _ = self._free.popitem(last=False)
         block = self._blocks[block_id]
-        if block.hash is not None:  # evict: its prefix is no longer cached
-            del self._cache[block.hash]
-            block.hash = None
+        if block.hash is not None:  # evict: this copy of its prefix is gone
+            self._forget(block)
         block.ref_count = 1
         return block_id
+
+    def _forget(self, block: _Block) -> None:
+        assert block.hash is not None
+        holders = self._cache[block.hash]
+        del holders[block.block_id]
+        if not holders:
+            del self._cache[block.hash]
+        block.hash = None
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the bookkeeping is inconsistent (for tests and debugging)."""
@@ -313,8 +328,13 @@ class BlockManager:
                     f"block {block.block_id}: ref_count {block.ref_count}, "
                     f"in free queue: {block.block_id in self._free}"
                 )
-            if block.hash is not None and self._cache.get(block.hash) != block.block_id:
+            if block.hash is None:
+                continue
+            holders = self._cache.get(block.hash, {})
+            if block.block_id not in holders:
                 raise AssertionError(f"block {block.block_id}: hash not mapped to it")
-        for digest, block_id in self._cache.items():
-            if self._blocks[block_id].hash != digest:
-                raise AssertionError(f"cache entry for block {block_id} has a stale hash")
+            if block.ref_count == 0 and len(holders) > 1:
+                raise AssertionError(f"free block {block.block_id} duplicates a cached prefix")
+        for digest, holders in self._cache.items():
+            if not holders or any(self._blocks[b].hash != digest for b in holders):
+                raise AssertionError(f"cache entry {digest:x} has a stale or empty holder set")
