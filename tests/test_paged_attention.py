@@ -253,6 +253,15 @@ def test_preemption_and_recompute_match_generate(arch: Arch) -> None:
     manager.check_invariants()
 
 
+def test_step_creates_no_hf_cache(arch: Arch) -> None:
+    step, ids = arch.runner.prepare([SeqChunk([5, 6, 7], 0, [0]), SeqChunk([8], 2, [1])])
+    with paged_step(step), torch.inference_mode():
+        out = arch.runner.model(
+            input_ids=ids[None], position_ids=step.positions[None], use_cache=False
+        )
+    assert out.cache is None and list(out.keys()) == ["logits"]
+
+
 # ------------------------------------------------------------------ single-architecture checks
 
 
