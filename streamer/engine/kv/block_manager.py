@@ -225,11 +225,7 @@ class BlockManager:
             digest = block_hash(parent, table.token_ids[index * bs : (index + 1) * bs])
             table.hashes.append(digest)
             if self.prefix_caching:
-                for idle in [
-                    b for b in self._cache.get(digest, ()) if not self._blocks[b].ref_count
-                ]:
-                    self._forget(self._blocks[idle])  # an idle copy: the running one replaces it
-                    self._free.move_to_end(idle, last=False)
+                self._drop_idle_copies(digest)  # this running block replaces them
                 block_id = table.blocks[index]
                 self._blocks[block_id].hash = digest
                 self._cache.setdefault(digest, {})[block_id] = None
@@ -292,6 +288,11 @@ class BlockManager:
             self._forget(block)
         block.ref_count = 1
         return block_id
+
+    def _drop_idle_copies(self, digest: int) -> None:
+        for block_id in [b for b in self._cache.get(digest, ()) if not self._blocks[b].ref_count]:
+            self._forget(self._blocks[block_id])
+            self._free.move_to_end(block_id, last=False)
 
     def _forget(self, block: _Block) -> None:
         assert block.hash is not None
