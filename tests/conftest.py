@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from aiokafka.partitioner import DefaultPartitioner
 
 from streamer.broker import EmbeddedBroker
 from streamer.client import StreamerClient
 from streamer.config import KafkaSettings
 from streamer.tiny_model import TinyModelSpec, ensure_tiny_model
-from streamer.topics import apply_topics
+from streamer.topics import apply_topics, load_specs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,6 +40,37 @@ def _docker_engine_answers() -> bool:
         return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+async def until(condition: Callable[[], object], timeout: float = 120.0, what: str = "") -> None:
+    """Wait for an eventual condition. The timeout only catches a hang: it is never the test."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout} s: {what or condition}")
+        await asyncio.sleep(0.01)
+
+
+def partitions_of(topic: str) -> int:
+    """Partition count of a topic, as `streamer topics apply` creates it (topics/*.yaml)."""
+    prefix = topic.split(".", 1)[0]
+    return {spec.name: spec.partitions for spec in load_specs(prefix)}[topic]
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """Where a record keyed `key` lands: Kafka's default (murmur2) partitioner, as aiokafka's."""
+    every = list(range(partitions))
+    return int(DefaultPartitioner()(key.encode(), every, every))
+
+
+def ids_on_every_partition(stem: str, partitions: int) -> list[str]:
+    """One request id per partition (index i lands on partition i)."""
+    found: dict[int, str] = {}
+    n = 0
+    while len(found) < partitions:
+        found.setdefault(partition_of(f"{stem}-{n}", partitions), f"{stem}-{n}")
+        n += 1
+    return [found[p] for p in range(partitions)]
 
 
 @pytest.fixture(scope="session")
