@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Gate
+from conftest import Gate, until
 from reference import PROMPTS, greedy, max_tokens_for
 
 from streamer.config import EngineConfig
@@ -99,14 +98,6 @@ async def test_stop_string_truncates_and_reports_stop(tiny_model: Path) -> None:
     assert stopped.final_text == head == stopped_text
 
 
-async def _until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    """Poll for an eventual condition; the timeout only catches a hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
-
-
 def _drain(stream: RequestStream) -> list[RequestOutput]:
     """Outputs already on a stream, without waiting."""
     outputs = []
@@ -130,7 +121,7 @@ async def test_abort_frees_the_slot_and_finishes_the_stream(tiny_model: Path, ga
     async with _engine(tiny_model, test_gate=str(gate.path)) as engine:
         ids = engine.tokenizer(PROMPTS[1]).input_ids
         stream = engine.add("long", ids, SamplingParams(max_tokens=500, ignore_eos=True))
-        await _until(lambda: engine.gate_held and engine.num_requests == 1)
+        await until(lambda: engine.gate_held and engine.num_requests == 1)
         assert engine.abort("long", "cancelled")
         outputs, final = await _finished(stream)
         assert final.finish_reason == "cancelled"
@@ -162,7 +153,7 @@ async def test_gate_holds_mid_generation_and_the_output_is_unchanged(
         ids = engine.tokenizer(PROMPTS[2]).input_ids
         stream = engine.add("r", ids, SamplingParams(max_tokens=30, ignore_eos=True))
         other = engine.add("short", ids[:3], SamplingParams(max_tokens=2, ignore_eos=True))
-        await _until(lambda: engine.gate_held)
+        await until(lambda: engine.gate_held)
         seen = _drain(stream)
         assert _tokens(seen) == expected[:4]
         # A request that finishes below N leaves the engine and does not count.
@@ -175,7 +166,7 @@ async def test_gate_holds_mid_generation_and_the_output_is_unchanged(
             # More than 4 tokens means the engine read the new rule (and reset gate_held) first.
             return engine.gate_held and len(_tokens(seen)) == 11
 
-        await _until(held_at_11)
+        await until(held_at_11)
         assert _tokens(seen) == expected[:11]
         gate.release()
         rest, final = await _finished(stream)
@@ -187,7 +178,7 @@ async def test_a_held_engine_still_expires_and_aborts(tiny_model: Path, gate: Ga
     """Held before anything starts: deadlines and aborts still end requests, none is started."""
     gate.hold()
     async with _engine(tiny_model, test_gate=str(gate.path)) as engine:
-        await _until(lambda: engine.gate_held)
+        await until(lambda: engine.gate_held)
         ids = engine.tokenizer(PROMPTS[0]).input_ids
         expired = engine.add("late", ids, SamplingParams(max_tokens=8),
                              deadline_ms=int(time.time() * 1000) - 1)
@@ -206,7 +197,7 @@ async def test_an_unreadable_gate_stops_the_engine_loudly(tiny_model: Path, gate
     gate.path.write_text("tokens=soon")
     engine = await _engine(tiny_model, test_gate=str(gate.path)).start()
     try:
-        await _until(lambda: engine.fatal is not None)
+        await until(lambda: engine.fatal is not None)
         assert "test gate" in str(engine.fatal)
         with pytest.raises(RuntimeError, match="fatal"):
             engine.add("r", [1, 2], SamplingParams(max_tokens=2))

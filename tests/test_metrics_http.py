@@ -109,7 +109,7 @@ def _get(port: int, path: str, method: str = "GET") -> tuple[int, str, bytes]:
     """Blocking GET via urllib (run in a thread): status, content type, body."""
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
+        with urllib.request.urlopen(req, timeout=60) as resp:  # a hang guard
             return resp.status, resp.headers["Content-Type"], resp.read()
     except urllib.error.HTTPError as err:
         return err.code, err.headers["Content-Type"], err.read()
