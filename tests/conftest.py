@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from aiokafka.partitioner import DefaultPartitioner
 
 from streamer.broker import EmbeddedBroker
 from streamer.client import StreamerClient
 from streamer.config import KafkaSettings
 from streamer.tiny_model import TinyModelSpec, ensure_tiny_model
-from streamer.topics import apply_topics
+from streamer.topics import apply_topics, load_specs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,6 +40,37 @@ def _docker_engine_answers() -> bool:
         return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+async def until(condition: Callable[[], object], timeout: float = 120.0, what: str = "") -> None:
+    """Wait for an eventual condition. The timeout only catches a hang: it is never the test."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout} s: {what or condition}")
+        await asyncio.sleep(0.01)
+
+
+def partitions_of(topic: str) -> int:
+    """Partition count of a topic, as `streamer topics apply` creates it (topics/*.yaml)."""
+    prefix = topic.split(".", 1)[0]
+    return {spec.name: spec.partitions for spec in load_specs(prefix)}[topic]
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """Where a record keyed `key` lands: Kafka's default (murmur2) partitioner, as aiokafka's."""
+    every = list(range(partitions))
+    return int(DefaultPartitioner()(key.encode(), every, every))
+
+
+def ids_on_every_partition(stem: str, partitions: int) -> list[str]:
+    """One request id per partition (index i lands on partition i)."""
+    found: dict[int, str] = {}
+    n = 0
+    while len(found) < partitions:
+        found.setdefault(partition_of(f"{stem}-{n}", partitions), f"{stem}-{n}")
+        n += 1
+    return [found[p] for p in range(partitions)]
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +133,45 @@ async def client(kafka_settings: KafkaSettings, prefix: str) -> AsyncIterator[St
         yield c
 
 
+class Gate:
+    """The engine's test gate (docs/testing.md): a file that holds engine steps while it exists.
+
+    Give it to an in-process engine as `EngineConfig(test_gate=str(gate.path))`, or to a worker
+    process with `start_worker(gate=gate)` (it sets STREAMER_TEST_GATE)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"STREAMER_TEST_GATE": str(self.path)}
+
+    def hold(self) -> None:
+        """No new engine step starts (steps in flight finish)."""
+        self._write("")
+
+    def hold_at(self, tokens: int) -> None:
+        """Steps run until some request has `tokens` output tokens, then hold."""
+        self._write(f"tokens={tokens}")
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _write(self, text: str) -> None:
+        # Atomic: the engine never reads a half-written rule.
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.path)
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[Gate]:
+    """A test gate file, open (absent) at first and removed at teardown."""
+    g = Gate(tmp_path / "gate")
+    yield g
+    g.release()
+
+
 @dataclass
 class WorkerProc:
     process: subprocess.Popen[bytes]
@@ -115,10 +186,11 @@ class WorkerProc:
         match = re.search(r'"port": (\d+), "event": "metrics_listening"', self.log())
         return int(match.group(1)) if match else None
 
-    def wait_for(self, text: str, timeout: float = 120.0) -> None:
+    def wait_for(self, text: str, timeout: float = 120.0, count: int = 1) -> None:
+        """Wait until `text` is in the log (at least `count` times)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.log():
+            if self.log().count(text) >= count:
                 return
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker {self.name} exited ({self.process.returncode}):\n"
@@ -126,8 +198,8 @@ class WorkerProc:
             time.sleep(0.1)
         raise TimeoutError(f"worker {self.name}: no {text!r} within {timeout}s:\n" + self.log()[-3000:])
 
-    async def await_for(self, text: str, timeout: float = 120.0) -> None:
-        await asyncio.to_thread(self.wait_for, text, timeout)
+    async def await_for(self, text: str, timeout: float = 120.0, count: int = 1) -> None:
+        await asyncio.to_thread(self.wait_for, text, timeout, count)
 
     def terminate(self, timeout: float = 60.0) -> int:
         if self.process.poll() is None:
@@ -153,7 +225,7 @@ def start_worker(
     started: list[WorkerProc] = []
 
     def start(*extra: str, model: Path | None = None, wait: bool = True,
-              env: dict[str, str] | None = None) -> WorkerProc:
+              env: dict[str, str] | None = None, gate: Gate | None = None) -> WorkerProc:
         name = f"w{len(started)}"
         log_path = tmp_path / f"{name}.log"
         out = open(log_path, "wb")  # noqa: SIM115
@@ -162,7 +234,7 @@ def start_worker(
              "--prefix", prefix, "--metrics-port", "0", "--worker-id", name,
              "--bootstrap-servers", kafka_bootstrap, *extra],
             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, **WORKER_ENV, **(env or {})},
+            env={**os.environ, **WORKER_ENV, **(gate.env if gate else {}), **(env or {})},
         )
         out.close()
         proc = WorkerProc(process, log_path, name)

@@ -38,6 +38,8 @@ CORPUS = [
 SPECIALS = ["<unk>", "<s>", "</s>"]
 
 PROFILE = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+NO_DEADLINE = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+"""Hypothesis times each example (200 ms by default): never on a machine that may be busy."""
 
 
 def _wrap(tokenizer: Tokenizer, **kwargs: Any) -> PreTrainedTokenizerFast:
@@ -251,12 +253,14 @@ SMALL_TEXT = st.text(alphabet="ab😀\u0301", max_size=12)
 STOPS = st.lists(st.text(alphabet="ab😀\u0301", max_size=4), max_size=4)
 
 
+@NO_DEADLINE
 @given(text=SMALL_TEXT, stops=STOPS, start=st.integers(0, 13))
 def test_find_stop_matches_brute_force(text: str, stops: list[str], start: int) -> None:
     starts = [i for i in range(start, len(text)) for s in stops if s and text.startswith(s, i)]
     assert find_stop(text, stops, start) == (min(starts) if starts else None)
 
 
+@NO_DEADLINE
 @given(text=SMALL_TEXT, stops=STOPS)
 def test_stop_prefix_holdback_matches_brute_force(text: str, stops: list[str]) -> None:
     want = max(
@@ -266,6 +270,7 @@ def test_stop_prefix_holdback_matches_brute_force(text: str, stops: list[str]) -
     assert stop_prefix_holdback(text, stops) == want
 
 
+@NO_DEADLINE
 @given(text=st.text(alphabet=" 'ntsmvre.?!,a", max_size=24), cut_at=st.integers(0, 24))
 def test_cleanup_cut_is_exact(text: str, cut_at: int) -> None:
     """Cleaning before and after a safe cut equals cleaning the whole text."""

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from conftest import Gate, until
 from reference import PROMPTS, greedy, max_tokens_for
 
 from streamer.config import EngineConfig
 from streamer.engine.engine import Engine
-from streamer.engine.outputs import OutputKind
+from streamer.engine.gate import GateRule, parse_rule
+from streamer.engine.outputs import OutputKind, RequestOutput, RequestStream
 from streamer.engine.sequence import SamplingParams
 
 
@@ -94,19 +98,177 @@ async def test_stop_string_truncates_and_reports_stop(tiny_model: Path) -> None:
     assert stopped.final_text == head == stopped_text
 
 
-async def test_abort_frees_the_slot_and_finishes_the_stream(tiny_model: Path) -> None:
-    async with _engine(tiny_model) as engine:
-        task = asyncio.create_task(_run(engine, PROMPTS[1], SamplingParams(max_tokens=500,
-                                                                           ignore_eos=True),
-                                        request_id="long"))
-        while not engine.has_request("long") or engine.steps < 5:
-            await asyncio.sleep(0.01)
+def _drain(stream: RequestStream) -> list[RequestOutput]:
+    """Outputs already on a stream, without waiting."""
+    outputs = []
+    while stream._pending:
+        outputs.append(stream._pending.popleft())
+    return outputs
+
+
+def _tokens(outputs: list[RequestOutput]) -> list[int]:
+    return [t for o in outputs if o.kind is OutputKind.TOKENS for t in o.token_ids]
+
+
+async def _finished(stream: RequestStream) -> tuple[list[RequestOutput], RequestOutput]:
+    outputs = [out async for out in stream]
+    assert outputs[-1].kind is OutputKind.FINISHED
+    return outputs, outputs[-1]
+
+
+async def test_abort_frees_the_slot_and_finishes_the_stream(tiny_model: Path, gate: Gate) -> None:
+    gate.hold_at(5)
+    async with _engine(tiny_model, test_gate=str(gate.path)) as engine:
+        ids = engine.tokenizer(PROMPTS[1]).input_ids
+        stream = engine.add("long", ids, SamplingParams(max_tokens=500, ignore_eos=True))
+        await until(lambda: engine.gate_held and engine.num_requests == 1)
         assert engine.abort("long", "cancelled")
-        tokens, _, final = await asyncio.wait_for(task, 10)
+        outputs, final = await _finished(stream)
         assert final.finish_reason == "cancelled"
-        assert len(tokens) < 500
+        assert len(_tokens(outputs)) == 5 == final.num_completion_tokens
         assert engine.scheduler is not None and engine.scheduler.slots_in_use() == 0
         assert not engine.abort("long")  # unknown now
+
+
+# ------------------------------------------------------------------------------ the test gate
+
+
+def test_gate_rules_parse() -> None:
+    assert parse_rule("") == parse_rule(" \n") == GateRule()
+    assert parse_rule("tokens=7\n") == GateRule(tokens=7)
+    assert GateRule().holds(0) and GateRule(tokens=3).holds(3)
+    assert not GateRule(tokens=3).holds(2)
+    for bad in ("tokens=0", "tokens=x", "steps=3", "hold"):
+        with pytest.raises(ValueError, match="test gate"):
+            parse_rule(bad)
+
+
+async def test_gate_holds_mid_generation_and_the_output_is_unchanged(
+    tiny_model: Path, gate: Gate
+) -> None:
+    """tokens=N holds at exactly N tokens; a later rule moves the hold; removal runs to the end."""
+    expected = greedy(tiny_model, PROMPTS[2], 30, ignore_eos=True)
+    gate.hold_at(4)
+    async with _engine(tiny_model, devices="cpu,cpu", test_gate=str(gate.path)) as engine:
+        ids = engine.tokenizer(PROMPTS[2]).input_ids
+        stream = engine.add("r", ids, SamplingParams(max_tokens=30, ignore_eos=True))
+        other = engine.add("short", ids[:3], SamplingParams(max_tokens=2, ignore_eos=True))
+        await until(lambda: engine.gate_held)
+        seen = _drain(stream)
+        assert _tokens(seen) == expected[:4]
+        # A request that finishes below N leaves the engine and does not count.
+        short_outputs, short_final = await _finished(other)
+        assert short_final.finish_reason == "length" and len(_tokens(short_outputs)) == 2
+        gate.hold_at(11)
+
+        def held_at_11() -> bool:
+            seen.extend(_drain(stream))
+            # More than 4 tokens means the engine read the new rule (and reset gate_held) first.
+            return engine.gate_held and len(_tokens(seen)) == 11
+
+        await until(held_at_11)
+        assert _tokens(seen) == expected[:11]
+        gate.release()
+        rest, final = await _finished(stream)
+    assert _tokens(seen + rest) == expected
+    assert final.finish_reason == "length" and final.num_completion_tokens == 30
+
+
+async def test_a_held_engine_still_expires_and_aborts(tiny_model: Path, gate: Gate) -> None:
+    """Held before anything starts: deadlines and aborts still end requests, none is started."""
+    gate.hold()
+    async with _engine(tiny_model, test_gate=str(gate.path)) as engine:
+        await until(lambda: engine.gate_held)
+        ids = engine.tokenizer(PROMPTS[0]).input_ids
+        expired = engine.add("late", ids, SamplingParams(max_tokens=8),
+                             deadline_ms=int(time.time() * 1000) - 1)
+        waiting = engine.add("waiting", ids, SamplingParams(max_tokens=8))
+        outputs, final = await _finished(expired)
+        assert [o.kind for o in outputs] == [OutputKind.FINISHED]
+        assert final.finish_reason == "expired"
+        assert engine.abort("waiting", "cancelled")
+        outputs, final = await _finished(waiting)
+        assert [o.kind for o in outputs] == [OutputKind.FINISHED]
+        assert final.finish_reason == "cancelled"
+        assert engine.steps == 0
+
+
+async def test_an_unreadable_gate_stops_the_engine_loudly(tiny_model: Path, gate: Gate) -> None:
+    gate.path.write_text("tokens=soon")
+    engine = await _engine(tiny_model, test_gate=str(gate.path)).start()
+    try:
+        await until(lambda: engine.fatal is not None)
+        assert "test gate" in str(engine.fatal)
+        with pytest.raises(RuntimeError, match="fatal"):
+            engine.add("r", [1, 2], SamplingParams(max_tokens=2))
+    finally:
+        with pytest.raises(ValueError, match="test gate"):  # stop() re-raises the loop's error
+            await engine.stop()
+
+
+# --------------------------------------------------------------------- failed steps and aborts
+
+
+def _blocking_fault(
+    engine: Engine,
+) -> tuple[threading.Event, threading.Event, list[list[int]]]:
+    """The first forward of stage 0 waits for `release`, then raises; later ones run normally
+    and their input ids are recorded."""
+    assert engine.pipeline is not None
+    stage = engine.pipeline.stages[0]
+    real_forward = stage.forward
+    entered, release = threading.Event(), threading.Event()
+    later: list[list[int]] = []
+
+    def forward(batch, hidden):  # type: ignore[no-untyped-def]
+        if not entered.is_set():
+            entered.set()
+            release.wait(60)
+            raise RuntimeError("injected fault")
+        later.append(batch.input_ids.tolist())
+        return real_forward(batch, hidden)
+
+    stage.forward = forward  # type: ignore[method-assign]
+    return entered, release, later
+
+
+@pytest.mark.parametrize("company", [0, 1], ids=["alone", "with-another-request"])
+async def test_a_failed_step_honours_a_pending_abort(tiny_model: Path, company: int) -> None:
+    """Aborted while its step runs, then the step fails: it ends with the abort's reason.
+
+    Alone, the failure is final; with company, the step is retried one sequence at a time and
+    the aborted sequence is not retried."""
+    async with _engine(tiny_model) as engine:
+        entered, release, later = _blocking_fault(engine)
+        ids = engine.tokenizer(PROMPTS[4]).input_ids
+        # Added in one go, so both are in the first step.
+        victim = engine.add("victim", ids, SamplingParams(max_tokens=6))
+        others = [engine.add(f"other{i}", engine.tokenizer(PROMPTS[5]).input_ids,
+                             SamplingParams(max_tokens=6)) for i in range(company)]
+        try:
+            await asyncio.to_thread(entered.wait, 60)
+            assert engine.abort("victim", "revoked")  # in flight: pending until the step ends
+        finally:
+            release.set()
+        outputs, final = await _finished(victim)
+        assert final.finish_reason == "revoked" and final.error is None
+        assert _tokens(outputs) == []
+        for stream in others:
+            _, other = await _finished(stream)
+            assert other.finish_reason in ("length", "eos") and other.error is None
+        assert engine.fatal is None and engine.num_requests == 0
+    assert ids not in later  # the retry in smaller steps did not run the aborted sequence again
+
+
+async def test_a_failed_step_without_an_abort_fails_its_request(tiny_model: Path) -> None:
+    async with _engine(tiny_model) as engine:
+        entered, release, _ = _blocking_fault(engine)
+        release.set()
+        stream = engine.add("r", engine.tokenizer(PROMPTS[4]).input_ids,
+                            SamplingParams(max_tokens=6))
+        _, final = await _finished(stream)
+        assert entered.is_set()
+        assert final.finish_reason == "failed" and "injected fault" in (final.error or "")
 
 
 async def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:

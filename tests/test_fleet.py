@@ -12,23 +12,63 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from conftest import ROOT, ids_on_every_partition, partitions_of, until
 from reference import PROMPTS, greedy_text
 
 from streamer import protocol
-from streamer.client import RequestHandle
+from streamer.client import RequestHandle, Result
+from streamer.config import KafkaSettings
 from streamer.protocol import Event, EventType, TokenChunk, Usage
 
 pytestmark = pytest.mark.kafka
 
 
+def _started(handle: RequestHandle) -> list[Event]:
+    return [e for e in handle.events if e.type is EventType.STARTED]
+
+
 def _started_by(handle: RequestHandle) -> list[str]:
-    return [e.worker for e in handle.events if e.type is EventType.STARTED]
+    return [e.worker for e in _started(handle)]
 
 
-async def test_kill_one_of_two_workers_then_add_a_third(start_worker, client, tiny_model) -> None:
-    """40 requests; SIGKILL a worker mid-generation, add a third: all complete, none lost."""
-    first = start_worker("--max-num-seqs", "4")
+def _has(handle: RequestHandle, kind: EventType) -> bool:
+    return any(e.type is kind for e in handle.events)
+
+
+def _outcome_names_the_last_attempt(result: Result) -> bool:
+    started = [e.attempt for e in result.events if e.type is EventType.STARTED]
+    return bool(started) and result.outcome.attempt == started[-1]
+
+
+async def _read_topic(kafka: KafkaSettings, topic: str) -> list[bytes]:
+    """Every record value of a topic, from the beginning to its current end."""
+    consumer = AIOKafkaConsumer(**kafka.client_kwargs(), group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(partitions_of(topic))]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        values: list[bytes] = []
+        for tp in partitions:
+            while await consumer.position(tp) < ends[tp]:
+                batch = await consumer.getmany(tp, timeout_ms=1000)
+                values += [r.value for r in batch.get(tp, []) if r.value is not None]
+        return values
+    finally:
+        await consumer.stop()
+
+
+async def test_kill_one_of_two_workers_then_add_a_third(
+    start_worker, client, tiny_model, gate
+) -> None:
+    """40 requests; SIGKILL a worker mid-generation, add a third: all complete, none lost.
+
+    The gate holds w0's requests at 5 tokens, so the kill finds them mid-generation however
+    fast the machine is."""
+    gate.hold_at(5)
+    first = start_worker("--max-num-seqs", "4", gate=gate)
     start_worker("--max-num-seqs", "4")
     await first.await_for("partitions_assigned")
     max_tokens = 160
@@ -39,12 +79,11 @@ async def test_kill_one_of_two_workers_then_add_a_third(start_worker, client, ti
     handles = [await client.submit(PROMPTS[i % len(PROMPTS)] + f" #{i}",
                                    priority=protocol.PRIORITIES[i % 4], max_tokens=max_tokens,
                                    ignore_eos=True) for i in range(40)]
-    while not any("w0" in _started_by(h) and not h.done for h in handles):
-        assert not all(h.done for h in handles), "everything finished before the kill"
-        await asyncio.sleep(0.01)
+    await until(lambda: any("w0" in _started_by(h) for h in handles), what="w0 serving")
     killed_at = time.time()
     first.kill()
-    victims = [h for h in handles if "w0" in _started_by(h) and not h.done]
+    victims = [h for h in handles if "w0" in _started_by(h)]
+    assert not any(h.done for h in victims)  # held at 5 of 160 tokens
     third = start_worker("--max-num-seqs", "4", wait=False)
     results = await asyncio.gather(*(h.result(300) for h in handles))
     resumed_at = min(
@@ -57,43 +96,107 @@ async def test_kill_one_of_two_workers_then_add_a_third(start_worker, client, ti
           f"workers that finished: { {r.outcome.worker for r in results} }")
     assert all(r.outcome.type is EventType.COMPLETED for r in results)
     assert [r.text for r in results] == expected
-    assert victims and all(r.attempts_seen >= 2 for r, h in zip(results, handles, strict=True)
-                           if h in victims)
-    for r in results:  # the outcome names the attempt whose chunks were used
-        assert r.outcome.attempt == r.attempt
-    # The third worker took partitions and serves its share.
+    for result, handle in zip(results, handles, strict=True):
+        assert _outcome_names_the_last_attempt(result)  # its chunks are the text used
+        if handle in victims:  # restarted elsewhere with a new attempt
+            started = [e for e in result.events if e.type is EventType.STARTED]
+            assert started[0].worker == "w0" and result.outcome.worker != "w0"
+            assert len({e.attempt for e in started}) == len(started) >= 2
+    # The third worker took partitions and serves its share: requests on every partition, in
+    # rounds, until one is served by w2 (it owns some partitions once the group settles).
     await third.await_for("partitions_assigned")
-    await asyncio.sleep(2)
-    later = [await client.submit(f"after the join {i}", max_tokens=4) for i in range(24)]
-    served_by = {(await h.result(120)).outcome.worker for h in later}
+    partitions = partitions_of(protocol.request_topic(client.prefix, "normal"))
+    served_by: set[str] = set()
+    for round_ in range(20):
+        ids = ids_on_every_partition(f"join{round_}", partitions)
+        later = [await client.submit(f"after the join {i}", request_id=rid, max_tokens=4)
+                 for i, rid in enumerate(ids)]
+        served_by |= {(await h.result(120)).outcome.worker for h in later}
+        if "w2" in served_by:
+            break
     assert "w2" in served_by, served_by
 
 
-async def test_sigterm_drains_without_loss(start_worker, client, tiny_model) -> None:
-    worker = start_worker("--shutdown-grace-s", "30")
+async def test_sigterm_drains_without_loss(start_worker, client, tiny_model, gate) -> None:
+    """Everything in flight at SIGTERM finishes on that worker within the grace period."""
+    gate.hold()  # nothing runs before the SIGTERM
+    worker = start_worker("--shutdown-grace-s", "30", gate=gate)
     handles = [await client.submit(p, max_tokens=60, ignore_eos=True) for p in PROMPTS[:8]]
-    while not any(h.events and any(e.type is EventType.STARTED for e in h.events) for h in handles):
-        await asyncio.sleep(0.01)
-    assert worker.terminate(timeout=60) == 0
+    await until(lambda: all(_has(h, EventType.QUEUED) for h in handles), what="all queued")
+    worker.process.send_signal(signal.SIGTERM)
+    await worker.await_for("worker_stopping")
+    gate.release()
+    assert await asyncio.to_thread(worker.process.wait, 60) == 0
     assert "worker_stopped" in worker.log()
     results = await asyncio.gather(*(h.result(60) for h in handles))
-    # Everything in flight at SIGTERM finished on that worker within the grace period.
     assert all(r.outcome.type is EventType.COMPLETED and r.outcome.worker == "w0" for r in results)
     assert [r.text for r in results] == [greedy_text(tiny_model, p, 60, ignore_eos=True)
                                          for p in PROMPTS[:8]]
 
 
-async def test_sigterm_hands_back_what_does_not_fit_the_grace_period(start_worker, client) -> None:
-    worker = start_worker("--shutdown-grace-s", "0.5", "--max-num-seqs", "2")
+async def test_sigterm_hands_back_what_does_not_fit_the_grace_period(
+    start_worker, client, gate
+) -> None:
+    """Held at 5 tokens, nothing can finish within the grace period: everything is handed back
+    uncommitted and the next owner serves it as a new attempt."""
+    gate.hold()
+    worker = start_worker("--shutdown-grace-s", "0.5", "--max-num-seqs", "2", gate=gate)
     handles = [await client.submit(p, max_tokens=800, ignore_eos=True) for p in PROMPTS[:4]]
-    while sum(1 for h in handles if _started_by(h)) < 2:
-        await asyncio.sleep(0.01)
+    await until(lambda: all(_has(h, EventType.QUEUED) for h in handles), what="all queued")
+    gate.hold_at(5)  # one step admits two; they hold at 5 of their 800 tokens
+    await until(lambda: sum(1 for h in handles if _started_by(h)) == 2, what="2 running")
     assert worker.terminate(timeout=60) == 0
     assert not any(h.done for h in handles), "nothing was finished, so nothing was committed"
     start_worker()  # the next owner restarts them from the uncommitted offsets
     results = await asyncio.gather(*(h.result(120) for h in handles))
     assert all(r.outcome.type is EventType.COMPLETED and r.outcome.worker == "w1" for r in results)
     assert all(len(r.token_ids) == 800 for r in results)
+    for result in results:
+        assert _outcome_names_the_last_attempt(result)
+        started = [e for e in result.events if e.type is EventType.STARTED]
+        assert [e.worker for e in started] in (["w0", "w1"], ["w1"])
+        assert len({e.attempt for e in started}) == len(started)
+    assert sum(1 for h in handles if "w0" in _started_by(h)) == 2
+
+
+async def test_a_rebalance_stops_the_revoked_requests(
+    start_worker, client, gate, kafka_settings, prefix
+) -> None:
+    """A joining worker takes partitions from a busy one: the requests on them stop on the old
+    owner (no outcome, no more tokens from that attempt) and restart on the new one."""
+    gate.hold()
+    first = start_worker("--max-num-seqs", "16", gate=gate)
+    partitions = partitions_of(protocol.request_topic(prefix, "normal"))
+    handles = [await client.submit(PROMPTS[i % len(PROMPTS)], request_id=rid, max_tokens=24,
+                                   ignore_eos=True)
+               for i, rid in enumerate(ids_on_every_partition("moved", partitions))]
+    await until(lambda: all(_has(h, EventType.QUEUED) for h in handles), what="all queued")
+    gate.hold_at(3)  # one step admits all: each holds at 3 of its 24 tokens
+    await until(lambda: all(_started(h) for h in handles), what="all running on w0")
+    start_worker()  # returns once w1 has partitions: w0's revoke has run
+    gate.release()
+    results = await asyncio.gather(*(h.result(120) for h in handles))
+    assert all(r.outcome.type is EventType.COMPLETED and len(r.token_ids) == 24 for r in results)
+    moved = [r for r in results if r.outcome.worker == "w1"]
+    assert moved, "w1 owns some partitions, and a request waits on every partition"
+    for result in results:
+        assert _outcome_names_the_last_attempt(result)
+    for result in moved:
+        started = [e for e in result.events if e.type is EventType.STARTED]
+        assert started[0].worker == "w0" and started[-1].worker == "w1"
+        assert len({e.attempt for e in started}) == len(started) >= 2
+    # Nothing more will come from w0: what it published is all in the topics now.
+    assert first.terminate(timeout=60) == 0
+    # Attempts that are not their request's outcome were stopped by the revoke (all on w0).
+    revoked = {e.attempt for r in results for e in r.events
+               if e.type is EventType.STARTED and e.attempt != r.outcome.attempt}
+    assert revoked
+    events = [protocol.decode_event(v) for v in await _read_topic(
+        kafka_settings, protocol.events_topic(prefix))]
+    chunks = [protocol.decode_chunk(v) for v in await _read_topic(
+        kafka_settings, protocol.tokens_topic(prefix))]
+    assert not [e for e in events if e.type.is_terminal and e.attempt in revoked]
+    assert max((c.index + len(c.token_ids) for c in chunks if c.attempt in revoked), default=0) <= 3
 
 
 def test_client_keeps_only_the_final_attempts_text() -> None:
@@ -137,19 +240,25 @@ def test_fleet_command_restarts_a_dead_worker_and_stops_cleanly(
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
     state = tmp_path / ".streamer" / "fleet.json"
+
+    def worker_pids(changed_from: list[int] | None = None) -> list[int]:
+        """The state file's pids, once it exists (and differs from `changed_from`)."""
+        deadline = time.monotonic() + 120
+        while True:
+            try:  # the supervisor rewrites the file in place: a read can see it half-written
+                pids = [w["pid"] for w in json.loads(state.read_text())["workers"]]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pids = []
+            if pids and pids != changed_from:
+                return pids
+            assert time.monotonic() < deadline and proc.poll() is None, "no (new) state file"
+            time.sleep(0.1)
+
     try:
-        deadline = time.monotonic() + 60
-        while not state.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        pids = [w["pid"] for w in json.loads(state.read_text())["workers"]]
+        pids = worker_pids()
         assert len(pids) == 2
         os.kill(pids[0], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            now = [w["pid"] for w in json.loads(state.read_text())["workers"]]
-            if now[0] != pids[0]:
-                break
-            time.sleep(0.2)
+        now = worker_pids(changed_from=pids)
         assert now[0] != pids[0] and now[1] == pids[1], "the dead worker was restarted"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)

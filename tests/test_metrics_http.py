@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import until
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamer.observability.http import MetricsServer
@@ -108,7 +109,7 @@ def _get(port: int, path: str, method: str = "GET") -> tuple[int, str, bytes]:
     """Blocking GET via urllib (run in a thread): status, content type, body."""
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
+        with urllib.request.urlopen(req, timeout=60) as resp:  # a hang guard
             return resp.status, resp.headers["Content-Type"], resp.read()
     except urllib.error.HTTPError as err:
         return err.code, err.headers["Content-Type"], err.read()
@@ -196,9 +197,12 @@ async def test_stop_is_idempotent_and_does_not_wait_for_idle_clients() -> None:
     with pytest.raises(RuntimeError):
         await server.start()
     # A client that connects and sends nothing must not block shutdown.
-    _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    await asyncio.sleep(0.05)
-    await asyncio.wait_for(server.stop(), 2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    await until(lambda: server._writers, what="the server holds the idle connection")
+    await asyncio.wait_for(server.stop(), 60)  # a hang guard only
     await server.stop()
+    # stop() closed the idle connection itself: the client reads the end of the stream, not the
+    # 408 the server sends when its read timeout fires (which would mean stop() waited for it).
+    assert await asyncio.wait_for(reader.read(), 60) == b""
     writer.close()
     assert not server.started

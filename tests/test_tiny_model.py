@@ -187,13 +187,19 @@ def test_ensure_reuses_then_rebuilds(tmp_path: Path) -> None:
     spec = TinyModelSpec(num_layers=2, vocab_size=512)
     assert ensure_tiny_model(path, spec) == path
     weights = path / "model.safetensors"
-    before = weights.stat().st_mtime_ns
+
+    def file_identity() -> tuple[int, int]:
+        stat = weights.stat()
+        return stat.st_ino, stat.st_mtime_ns
+
+    before, content = file_identity(), weights.read_bytes()
     ensure_tiny_model(path, spec)
-    assert weights.stat().st_mtime_ns == before  # reused, not rewritten
+    assert file_identity() == before  # reused, not rewritten
 
     ensure_tiny_model(path, dataclasses.replace(spec, seed=7))  # different spec: rebuilt
     assert json.loads((path / SPEC_FILE).read_text())["seed"] == 7
-    assert weights.stat().st_mtime_ns != before
+    # New weights (by content: two writes within one clock tick can share an mtime).
+    assert weights.read_bytes() != content
 
     saved = json.loads((path / SPEC_FILE).read_text())
     (path / SPEC_FILE).write_text(json.dumps({**saved, "recipe_version": -1}))

@@ -7,8 +7,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 from rich.console import Console
@@ -267,17 +267,33 @@ def test_consumer_group_mirrors_worker_config() -> None:
     assert consumer_group("demo", "mine") == "mine"
 
 
+class CountingSettings(KafkaSettings):
+    """Kafka settings that count how often a client is built from them (each Kafka attempt)."""
+
+    attempts: ClassVar[list[int]]
+
+    def client_kwargs(self) -> dict[str, Any]:
+        self.attempts.append(1)
+        return super().client_kwargs()
+
+
 async def test_unreachable_worker_and_kafka_do_not_raise() -> None:
     result = await scrape(f"127.0.0.1:{free_port()}", http_timeout_s=1.0)
     assert not result.ok and result.error
-    reader = BacklogReader(KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}"), "llm",
-                           "streamer-workers", timeout_s=3.0)
+    CountingSettings.attempts = []
+    unreachable = CountingSettings(bootstrap_servers=f"127.0.0.1:{free_port()}")
+    # retry_s is far longer than any run of this test: the second read is within it.
+    reader = BacklogReader(unreachable, "llm", "streamer-workers", timeout_s=3.0, retry_s=3600)
     backlog, error = await reader.read()
     assert backlog is None and error
-    began = time.monotonic()
-    assert await reader.read() == (None, error)  # within retry_s: the same answer, at once
-    assert time.monotonic() - began < 0.5
+    assert len(CountingSettings.attempts) == 1
+    assert await reader.read() == (None, error)  # within retry_s: the same answer
+    assert len(CountingSettings.attempts) == 1  # ... without asking Kafka again
     await reader.close()
+    retrying = BacklogReader(unreachable, "llm", "streamer-workers", timeout_s=3.0, retry_s=0)
+    assert (await retrying.read())[0] is None and (await retrying.read())[0] is None
+    assert len(CountingSettings.attempts) == 3  # no retry window: each read tries again
+    await retrying.close()
 
 
 def test_once_without_anything_running_exits_zero() -> None:

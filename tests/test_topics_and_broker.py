@@ -68,7 +68,7 @@ def test_broker_command_prints_ready_and_stops_on_sigterm() -> None:
         assert f"broker ready on 127.0.0.1:{port}" in line
         assert port_open("127.0.0.1", port)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        assert proc.wait(timeout=60) == 0
         assert not port_open("127.0.0.1", port)
     finally:
         if proc.poll() is None:

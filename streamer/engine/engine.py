@@ -20,6 +20,7 @@ import torch
 
 from streamer.aio import cancel_and_wait
 from streamer.config import EngineConfig
+from streamer.engine import gate
 from streamer.engine import model as model_lib
 from streamer.engine.detokenizer import IncrementalDetokenizer
 from streamer.engine.outputs import OutputKind, RequestOutput, RequestStream
@@ -67,6 +68,9 @@ class Engine:
         self.fatal: BaseException | None = None
         self.oom_retries = 0
         self._steps_since_oom = 0
+        self.gate_held = False
+        """Test gate only: the gate holds the engine and no step is in flight (docs/testing.md)."""
+        self._gate_rule: gate.GateRule | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -75,6 +79,12 @@ class Engine:
             return self
         await asyncio.to_thread(self._load)
         assert self.pipeline is not None
+        if self.config.test_gate is not None:
+            log.warning(
+                "test_gate_configured",
+                path=self.config.test_gate,
+                note="test-only: engine steps wait on this file; production never sets it",
+            )
         await self.pipeline.start()
         self._task = asyncio.create_task(self._run(), name="engine-loop")
         return self
@@ -260,7 +270,8 @@ class Engine:
         try:
             while True:
                 self._expire_deadlines()
-                while len(in_flight) < pipeline.depth:
+                held = self._gate_holds()
+                while not held and len(in_flight) < pipeline.depth:
                     plan = scheduler.schedule_next(time.monotonic())
                     if plan is None:
                         break
@@ -270,7 +281,10 @@ class Engine:
                         in_flight.append(plan)
                 if not in_flight:
                     self._wakeup.clear()
-                    if not scheduler.has_work:
+                    if held:
+                        self._report_gate_held()
+                        await asyncio.sleep(gate.POLL_S)
+                    elif not scheduler.has_work:
                         # Wake for new work, or once a second to check deadlines.
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
@@ -281,6 +295,7 @@ class Engine:
                 _, result = await pipeline.result()
                 plan = in_flight.popleft()
                 if isinstance(result, BaseException) and self._retry_smaller(plan, result):
+                    self._finish_pending_aborts(plan)
                     continue
                 scheduler.complete(plan)
                 self._process(plan, result)
@@ -297,6 +312,34 @@ class Engine:
             for tracked in list(self._tracked.values()):
                 self._finish(tracked, SeqStatus.FINISHED_ABORTED, "failed", error=repr(exc))
             raise
+
+    # ------------------------------------------------------------------ the test gate
+
+    def _gate_holds(self) -> bool:
+        """Whether the test gate holds the next step; False at once when no gate is configured."""
+        if self.config.test_gate is None:
+            return False
+        self._gate_rule = gate.read_rule(self.config.test_gate)
+        held = self._gate_rule is not None and self._gate_rule.holds(self._max_output_tokens())
+        if not held and self.gate_held:
+            self.gate_held = False
+            log.info("test_gate_released", rule=str(self._gate_rule or "absent"))
+        return held
+
+    def _report_gate_held(self) -> None:
+        """Held with nothing in flight: until the gate opens, no request changes."""
+        if self.gate_held:
+            return
+        self.gate_held = True
+        log.info(
+            "test_gate_held",
+            rule=str(self._gate_rule),
+            requests=len(self._tracked),
+            max_output_tokens=self._max_output_tokens(),
+        )
+
+    def _max_output_tokens(self) -> int:
+        return max((len(t.seq.output_ids) for t in self._tracked.values()), default=0)
 
     def _retry_smaller(self, plan: StepPlan, error: BaseException) -> bool:
         """A failed step of several sequences runs again in smaller steps.
@@ -321,6 +364,13 @@ class Engine:
             step_cap=self.scheduler.step_cap,
         )
         return True
+
+    def _finish_pending_aborts(self, plan: StepPlan) -> None:
+        """A step given up for a retry: its sequences aborted meanwhile end now, not after it."""
+        for item in plan.items:
+            tracked = self._tracked[item.seq.request_id]
+            if tracked.abort_reason is not None:
+                self._finish(tracked, SeqStatus.FINISHED_ABORTED, tracked.abort_reason)
 
     def _relax_step_cap(self) -> None:
         """After a run of good steps, double the cap again until it is gone."""
@@ -393,25 +443,27 @@ class Engine:
         )
 
     def _process(self, plan: StepPlan, result: list[int] | BaseException) -> None:
-        """The one place that turns a step's sampled tokens into per-request outputs."""
+        """The one place that turns a step's sampled tokens into per-request outputs.
+
+        Every item's sequence is still tracked: a sequence in flight is only marked for abort
+        (`abort_reason`) and finishes here, with that reason even when the step failed."""
         if isinstance(result, BaseException):
             log.error("step_failed", error=repr(result), sequences=len(plan.items))
             for item in plan.items:
-                tracked = self._tracked.get(item.seq.request_id)
-                if tracked is not None:
+                tracked = self._tracked[item.seq.request_id]
+                if tracked.abort_reason is not None:
+                    self._finish(tracked, SeqStatus.FINISHED_ABORTED, tracked.abort_reason)
+                else:
                     self._finish(tracked, SeqStatus.FINISHED_ABORTED, "failed", error=repr(result))
             return
         tokens = iter(result)
         now = time.monotonic()
         for item in plan.items:
             token = next(tokens) if item.sample else None
-            tracked = self._tracked.get(item.seq.request_id)
-            if tracked is None:
-                continue
+            tracked = self._tracked[item.seq.request_id]
             if tracked.abort_reason is not None:
                 self._finish(tracked, SeqStatus.FINISHED_ABORTED, tracked.abort_reason)
-                continue
-            if token is not None:
+            elif token is not None:
                 self._append(tracked, token, now)
 
     def _append(self, tracked: Tracked, token: int, now: float) -> None:
@@ -432,7 +484,6 @@ class Engine:
             text += tracked.detok.finish()
             if tracked.detok.stopped:  # an overlapping stop can be confirmed only by finish()
                 status = SeqStatus.FINISHED_STOPPED
-        seq.published_tokens = len(seq.output_ids)
         tracked.stream.put(
             RequestOutput(
                 seq.request_id, OutputKind.TOKENS, index=index, token_ids=[token], text=text
@@ -484,7 +535,7 @@ _REASONS = {
 
 
 def token_slice(seq: Sequence, start: int, num: int) -> list[int]:
-    """seq.all_ids[start:start+num] without building the whole list (decode is one token)."""
+    """Tokens [start, start + num) of prompt + output, without joining the two lists."""
     prompt_len = len(seq.prompt_ids)
     if start >= prompt_len:
         return seq.output_ids[start - prompt_len : start - prompt_len + num]

@@ -146,8 +146,8 @@ class Scheduler:
         assert status.is_finished, status
         if self._by_id.pop(seq.request_id, None) is None:
             return
-        if seq.slot is not None:
-            self.running[seq.group or 0].remove(seq)
+        if seq.group is not None:
+            self.running[seq.group].remove(seq)
             self._release_slot(seq)
         else:
             self.waiting[seq.priority].remove(seq)

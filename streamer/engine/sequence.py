@@ -48,23 +48,16 @@ class Sequence:
     """Lane index: 0 = urgent ... 3 = low."""
     arrival: float = 0.0
     """Monotonic seconds when the engine received it (for FIFO and aging)."""
-    deadline: float | None = None
-    """Monotonic seconds after which it expires."""
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
-    """Tokens of `all_ids` whose keys and values are in the cache."""
+    """Tokens (prompt, then output) whose keys and values are in the cache."""
     slot: int | None = None
     group: int | None = None
     status: SeqStatus = SeqStatus.WAITING
     started_at: float | None = None
     """When it was first scheduled (for preemption order: most recently started goes first)."""
     num_preemptions: int = 0
-    published_tokens: int = 0
-    """Output tokens already handed out; a resumed sequence never re-emits them."""
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    """Times it lost its slot to a higher lane (it resumes by recomputing, same attempt)."""
 
     @property
     def num_tokens(self) -> int:

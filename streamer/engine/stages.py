@@ -7,10 +7,11 @@ so while stage 1 runs micro-batch A, stage 0 runs micro-batch B.
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +37,6 @@ class StepBatch:
     sampler: Callable[[torch.Tensor], list[int]]  # logits [n, V] -> token ids, on the last stage
     slot_span: tuple[int, int] = (0, 0)  # decode slots lie in [lo, hi)
     max_decode_len: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Stage:
@@ -68,17 +68,6 @@ class Stage:
         self.v_cache = [torch.zeros(cache_shape, dtype=dtype, device=device) for _ in self.layers]
         self.busy_seconds = 0.0
         self.current: str = "idle"
-
-    @property
-    def is_first(self) -> bool:
-        return self.embed is not None
-
-    @property
-    def is_last(self) -> bool:
-        return self.lm_head is not None
-
-    def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
 
     def forward(self, batch: StepBatch, hidden: torch.Tensor | None) -> Any:
         """Run this stage's layers. First stage takes token ids; the last returns token ids."""
@@ -188,8 +177,6 @@ class Stage:
 
 def copy_rotary(rotary: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Each stage computes rotary tables on its own device from the checkpoint's rotary module."""
-    import copy
-
     return copy.deepcopy(rotary).to(device)
 
 
