@@ -180,23 +180,29 @@ async def test_plain_aiokafka_client_following_the_protocol_doc(
 
 
 async def test_killed_worker_loses_nothing(start_worker, client, kafka_settings, prefix,
-                                           tiny_model) -> None:
-    """Offsets are committed only past finished requests: SIGKILL mid-run, restart, all complete."""
-    first = start_worker("--max-num-seqs", "4")
+                                           tiny_model, gate) -> None:
+    """Offsets are committed only past finished requests: SIGKILL mid-run, restart, all complete.
+
+    The gate holds the first worker once a request has 10 of its 60 tokens, so the kill lands
+    mid-run on any machine."""
+    gate.hold_at(10)
+    first = start_worker("--max-num-seqs", "4", gate=gate)
     handles, expected = [], []
     for i, prompt in enumerate(PROMPTS[:12]):
         handles.append(await client.submit(prompt, priority=protocol.PRIORITIES[i % 4],
-                                           max_tokens=60))
-        expected.append(greedy_text(tiny_model, prompt, 60))
-    while sum(h.done for h in handles) < 2:
-        await asyncio.sleep(0.05)
+                                           max_tokens=60, ignore_eos=True))
+        expected.append(greedy_text(tiny_model, prompt, 60, ignore_eos=True))
+    await first.await_for("test_gate_held")
     first.kill()
-    assert sum(h.done for h in handles) < len(handles), "the kill must land mid-run"
+    assert not any(h.done for h in handles)  # held at 10 of 60 tokens
     start_worker()
     results = await _results(handles)
     assert [r.text for r in results] == expected
     assert all(r.outcome.type is EventType.COMPLETED for r in results)
-    assert any(r.attempts_seen >= 2 or r.outcome.worker == "w1" for r in results)
+    assert all(r.outcome.worker == "w1" for r in results)
+    started_on_first = [r for r in results
+                        if any(e.type is EventType.STARTED and e.worker == "w0" for e in r.events)]
+    assert started_on_first and all(r.attempts_seen >= 2 for r in started_on_first)
     # Everything finished, so the group's committed offsets reach the end of every partition.
     assert await committed_reaches_end(kafka_settings, prefix) == {}
 
