@@ -32,7 +32,7 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
 
@@ -64,3 +64,14 @@ class RepeatSummary(logging.Filter):
             return True
         self._seen[template] = (started, suppressed + 1)
         return False
+
+
+class _Stderr:
+    """Whatever `sys.stderr` is at the time of writing: a logger configured once must not keep a
+    stream that was replaced since (test capture, daemonisation)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
