@@ -104,7 +104,7 @@ def load_model(model: str, dtype: torch.dtype) -> tuple[nn.Module, ModelShape]:
         )
     name, kwargs = pretrained_args(model)
     # A GGUF file is dequantized on load (to `dtype`): the engine runs plain float weights.
-    hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    hf = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **kwargs)
     hf.eval()
     text_config = hf.config
     num_heads = text_config.num_attention_heads
