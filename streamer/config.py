@@ -104,7 +104,7 @@ class EngineConfig:
     """The generation engine: model, devices and the scheduler's limits."""
 
     model: str = ""
-    """Hugging Face model folder or hub id (required)."""
+    """Hugging Face model folder or hub id, or a `.gguf` file (required)."""
     devices: tuple[str, ...] = ("cpu",)
     """One pipeline stage per entry, e.g. cpu | cpu,cpu | cuda:0,cuda:1."""
     layer_split: tuple[int, ...] | None = None

@@ -4,11 +4,15 @@ The batched path runs the Llama family (Llama, Mistral, Qwen2, Qwen3) by calling
 own modules (projections, norms, MLP, rotary embedding): the weights, rotary scaling, grouped-query
 attention, biases and RMSNorm epsilon all come from the checkpoint. Only attention is ours, because
 it reads the engine's KV cache. Other architectures are refused at start.
+
+`model` is a Hugging Face folder or hub id, or a path to a ``.gguf`` file: transformers reads the
+file's config, tokenizer and (dequantized) weights, so the same code runs it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -56,19 +60,51 @@ def check_devices(devices: tuple[str, ...]) -> None:
             raise ValueError(f"unknown device {device!r}; use cpu or cuda:N")
 
 
+def is_gguf(model: str) -> bool:
+    return model.lower().endswith(".gguf")
+
+
+def pretrained_args(model: str) -> tuple[str, dict[str, Any]]:
+    """`(name_or_folder, kwargs)` for ``from_pretrained``: a ``.gguf`` file becomes its folder
+    and ``gguf_file=<name>``; anything else passes through unchanged."""
+    if not is_gguf(model):
+        return model, {}
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise ValueError(f"GGUF file {model!r} does not exist")
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError as exc:
+        raise ValueError(f"loading {model!r} needs the gguf package: pip install gguf") from exc
+    return str(path.resolve().parent), {"gguf_file": path.name}
+
+
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(model)
+    name, kwargs = pretrained_args(model)
+    return AutoTokenizer.from_pretrained(name, **kwargs)
+
+
+def load_config(model: str) -> Any:
+    name, kwargs = pretrained_args(model)
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs)
+    except ValueError as exc:
+        if kwargs:  # e.g. "GGUF model with architecture X is not supported yet."
+            raise ValueError(f"cannot load GGUF file {model!r}: {exc}") from exc
+        raise
 
 
 def load_model(model: str, dtype: torch.dtype) -> tuple[nn.Module, ModelShape]:
-    config = AutoConfig.from_pretrained(model)
+    config = load_config(model)
     model_type = getattr(config, "model_type", "?")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model type {model_type!r} is not supported by the batched pipeline; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    name, kwargs = pretrained_args(model)
+    # A GGUF file is dequantized on load (to `dtype`): the engine runs plain float weights.
+    hf = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **kwargs)
     hf.eval()
     text_config = hf.config
     num_heads = text_config.num_attention_heads
