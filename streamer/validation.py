@@ -122,11 +122,7 @@ def _semantic_problem(
                 f"`messages` has {len(request.messages)} entries; limit max_messages="
                 f"{limits.max_messages}"
             )
-    chars = (
-        len(request.prompt)
-        if request.prompt is not None
-        else sum(len(m.content) for m in request.messages or ())
-    )
+    chars = prompt_chars(request)
     if chars > limits.max_prompt_chars:
         return ErrorCode.PROMPT_TOO_LONG, (
             f"prompt is {chars} characters; limit max_prompt_chars={limits.max_prompt_chars}"
@@ -158,6 +154,13 @@ def _semantic_problem(
                 f"{limits.max_metadata_bytes}"
             )
     return None
+
+
+def prompt_chars(request: GenerationRequest) -> int:
+    """Characters of the prompt, or of all message contents together."""
+    if request.prompt is not None:
+        return len(request.prompt)
+    return sum(len(m.content) for m in request.messages or ())
 
 
 def record_size(value: bytes | None, headers: Sequence[tuple[str, bytes | None]]) -> int:

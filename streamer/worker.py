@@ -30,9 +30,7 @@ from streamer.health.gauges import EngineGauges
 from streamer.health.monitor import Health
 from streamer.intake.control import ControlListener
 from streamer.intake.fetch import TRANSIENT
-from streamer.intake.flights import Flight
 from streamer.intake.intake import Intake
-from streamer.intake.records import RecordId
 from streamer.observability.http import MetricsServer
 from streamer.observability.metrics import WorkerMetrics, render
 from streamer.topics import apply_topics
@@ -50,7 +48,9 @@ class Worker:
         self.engine = Engine(config.engine)
         self.offsets = OffsetTracker()
         self.publisher = Publisher(config.kafka, config.prefix, self.name)
-        self.outcomes = Outcomes(self.publisher, self.metrics, self.name, self._on_done)
+        self.outcomes = Outcomes(
+            self.publisher, self.metrics, self.name, lambda rid, f: self.intake.finished(rid, f)
+        )
         self.control = ControlListener(
             config.kafka, config.prefix, config.cancel_window_s, self._on_cancel
         )
@@ -169,9 +169,6 @@ class Worker:
             hurry.cancel()
 
     # ------------------------------------------------------------------ wiring
-
-    def _on_done(self, rid: RecordId, priority: str, outcome: str, flight: Flight | None) -> None:
-        self.intake.finished(rid, flight)
 
     def _on_cancel(self, request_id: str) -> None:
         if self.engine.abort(request_id, "cancelled"):

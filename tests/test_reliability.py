@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 import torch
 from aiokafka import AIOKafkaConsumer
+from conftest import until
 from reference import PROMPTS, greedy_text
 
 from streamer.client import StreamerClient
@@ -217,7 +218,12 @@ async def test_soak_no_leaks(kafka_settings, prefix, tiny_model) -> None:
             rss_before, tasks_before = _rss_kib(), len(asyncio.all_tasks())
             for round_ in range(6):
                 await wave(300 * (round_ + 1), 300)
-            await asyncio.sleep(1.0)
+            # Outcomes reach the client before the worker's own bookkeeping ends: wait for the
+            # worker to be quiet (an eventual condition), then measure.
+            engine = worker.engine
+            await until(lambda: engine.num_requests == 0 and not len(worker.intake.flights)
+                        and worker.offsets.pending() == 0 and not worker.outcomes.tasks,
+                        what="worker quiescent")
             gc.collect()
             rss_after, tasks_after = _rss_kib(), len(asyncio.all_tasks())
         engine = worker.engine

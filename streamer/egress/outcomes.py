@@ -23,12 +23,12 @@ from streamer.engine.outputs import OutputKind, RequestOutput
 from streamer.intake.flights import Flight
 from streamer.intake.records import RecordId
 from streamer.observability.metrics import WorkerMetrics
-from streamer.protocol import ErrorCode, Event, EventType, GenerationRequest
+from streamer.protocol import ErrorCode, Event, EventType
 
 log = structlog.get_logger(__name__)
 
-OnDone = Callable[[RecordId, str, str, Flight | None], None]
-"""(record, priority, outcome, flight) once an outcome is acknowledged."""
+OnDone = Callable[[RecordId, Flight | None], None]
+"""(record, flight) once an outcome for the record is acknowledged."""
 
 
 class Outcomes:
@@ -57,14 +57,11 @@ class Outcomes:
 
     # ------------------------------------------------------------------ without generation
 
-    async def publish_terminal(
-        self, record: ConsumerRecord[Any, Any], rid: RecordId, priority: str, event: Event,
-        outcome: str,
-    ) -> None:
+    async def publish_terminal(self, rid: RecordId, priority: str, event: Event) -> None:
         """An outcome decided at intake (rejected, cancelled or expired before serving)."""
         event = events.fit(event, self.publisher.max_bytes)
         if await self._deliver(event, None):
-            self._done(rid, priority, outcome, None)
+            self._done(rid, priority, str(event.type), None)
 
     async def dead_letter(
         self, record: ConsumerRecord[Any, Any], rid: RecordId, priority: str,
@@ -212,7 +209,7 @@ class Outcomes:
 
     def _done(self, rid: RecordId, priority: str, outcome: str, flight: Flight | None) -> None:
         self.metrics.requests.labels(priority=priority, outcome=outcome).inc()
-        self.on_done(rid, priority, outcome, flight)
+        self.on_done(rid, flight)
 
     def _observe(
         self, flight: Flight, out: RequestOutput, event_type: EventType, clock: events.Clock
@@ -227,8 +224,3 @@ class Outcomes:
                     (clock.now - clock.first_token) / (out.num_completion_tokens - 1)
                 )
 
-
-def rejected_event(worker: str, request: GenerationRequest | str, priority: str,
-                   code: ErrorCode, message: str) -> Event:
-    request_id = request if isinstance(request, str) else request.id
-    return events.rejected(request_id, worker, priority, code, message)

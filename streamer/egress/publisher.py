@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -46,6 +47,20 @@ class PublisherStopped(Exception):
 
 
 Headers = list[tuple[str, bytes]]
+
+
+@dataclass(eq=False)
+class _Delivery:
+    """One message until the broker acknowledges it (or it is given up)."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    headers: Headers
+    tries: int = 0
+    done: asyncio.Future[Any] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class Publisher:
@@ -123,98 +138,73 @@ class Publisher:
         self, topic: str, value: bytes | None, key: bytes | None, headers: Headers
     ) -> asyncio.Future[Any]:
         """Hand one message to the producer; the future resolves when the broker has it."""
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        delivery = _Delivery(topic, value, key, headers)
         if record_size(value, headers) + len(key or b"") > self.max_bytes:
-            done.set_exception(OutputTooLarge(f"{topic} message over {self.max_bytes} bytes"))
-            return done
+            delivery.done.set_exception(
+                OutputTooLarge(f"{topic} message over {self.max_bytes} bytes")
+            )
+            return delivery.done
         self._outstanding += 1
-        done.add_done_callback(self._settled)
-        await self._attempt(done, topic, value, key, headers, 0)
-        return done
+        delivery.done.add_done_callback(self._settled)
+        await self._attempt(delivery)
+        return delivery.done
 
     def _settled(self, _: asyncio.Future[Any]) -> None:
         self._outstanding -= 1
 
-    async def _attempt(
-        self,
-        done: asyncio.Future[Any],
-        topic: str,
-        value: bytes | None,
-        key: bytes | None,
-        headers: Headers,
-        tries: int,
-    ) -> None:
+    async def _attempt(self, d: _Delivery) -> None:
         try:
-            ack = await self._producer.send(topic, value, key=key, headers=headers)
+            ack = await self._producer.send(d.topic, d.value, key=d.key, headers=d.headers)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._failed(done, exc, topic, value, key, headers, tries)
+            self._failed(d, exc)
             return
 
         def acked(future: asyncio.Future[Any]) -> None:
-            if done.done():
+            if d.done.done():
                 return
             if future.cancelled():
-                self._failed(done, ProducerClosed(), topic, value, key, headers, tries)
-            elif future.exception() is not None:
-                exc = future.exception()
-                assert exc is not None
-                self._failed(done, exc, topic, value, key, headers, tries)
+                self._failed(d, ProducerClosed())
+            elif (exc := future.exception()) is not None:
+                self._failed(d, exc)
             else:
-                done.set_result(future.result())
+                d.done.set_result(future.result())
 
         ack.add_done_callback(acked)
 
-    def _failed(
-        self,
-        done: asyncio.Future[Any],
-        exc: BaseException,
-        topic: str,
-        value: bytes | None,
-        key: bytes | None,
-        headers: Headers,
-        tries: int,
-    ) -> None:
-        if done.done():
+    def _failed(self, d: _Delivery, exc: BaseException) -> None:
+        """Give up (too large, stopping, a bug) or retry with backoff (the broker is away)."""
+        if d.done.done():
             return
         if isinstance(exc, MessageSizeTooLargeError | RecordListTooLargeError):
-            done.set_exception(OutputTooLarge(f"{topic}: {exc!r}"))
+            d.done.set_exception(OutputTooLarge(f"{d.topic}: {exc!r}"))
             return
         if self._stopping:
-            done.set_exception(PublisherStopped(repr(exc)))
+            d.done.set_exception(PublisherStopped(repr(exc)))
             return
         if not isinstance(exc, KafkaError | ConnectionError | TimeoutError):
-            done.set_exception(exc)  # a bug, not an outage: retrying would not help
+            d.done.set_exception(exc)  # a bug, not an outage: retrying would not help
             return
-        if tries == 0 or tries % 20 == 0:
-            log.warning("output_send_retrying", topic=topic, tries=tries + 1,
+        if d.tries % 20 == 0:
+            log.warning("output_send_retrying", topic=d.topic, tries=d.tries + 1,
                         error=repr(exc)[:200])
+        d.tries += 1
         self.retried += 1
-        task = asyncio.get_running_loop().create_task(
-            self._retry(done, topic, value, key, headers, tries + 1)
-        )
+        task = asyncio.get_running_loop().create_task(self._retry(d))
         self._retries.add(task)
         task.add_done_callback(self._retries.discard)
 
-    async def _retry(
-        self,
-        done: asyncio.Future[Any],
-        topic: str,
-        value: bytes | None,
-        key: bytes | None,
-        headers: Headers,
-        tries: int,
-    ) -> None:
+    async def _retry(self, d: _Delivery) -> None:
         low, high = RETRY_BACKOFF_S
         try:
-            await asyncio.sleep(min(high, low * 2 ** min(tries, 10)))
+            await asyncio.sleep(min(high, low * 2 ** min(d.tries, 10)))
         except asyncio.CancelledError:
-            if not done.done():
-                done.set_exception(PublisherStopped("stopped while retrying"))
+            if not d.done.done():
+                d.done.set_exception(PublisherStopped("stopped while retrying"))
             raise
-        if not done.done():
-            await self._attempt(done, topic, value, key, headers, tries)
+        if not d.done.done():
+            await self._attempt(d)
 
     # ------------------------------------------------------------------ messages
 

@@ -111,15 +111,12 @@ class ControlListener:
 
     async def _partitions(self) -> list[TopicPartition]:
         assert self._consumer is not None
-        partitions = self._consumer.partitions_for_topic(self.topic)
         for _ in range(20):
-            if partitions:
-                break
-            await asyncio.sleep(0.25)  # metadata of a just-created topic
-            partitions = await self._consumer.topics() and self._consumer.partitions_for_topic(
-                self.topic
-            )
-        return [TopicPartition(self.topic, p) for p in sorted(partitions or ())]
+            if partitions := self._consumer.partitions_for_topic(self.topic):
+                return [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            await self._consumer.topics()  # refreshes metadata (a topic just created)
+            await asyncio.sleep(0.25)
+        return []
 
     async def stop(self) -> None:
         task, self._task = self._task, None

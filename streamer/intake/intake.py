@@ -28,10 +28,10 @@ from streamer.intake.backpressure import Backpressure
 from streamer.intake.control import ControlListener
 from streamer.intake.fetch import Fetcher
 from streamer.intake.flights import Flight, Flights
-from streamer.intake.prepare import OFF_LOOP_CHARS, Prepared, prepare, prompt_chars
+from streamer.intake.prepare import OFF_LOOP_CHARS, Prepared, prepare
 from streamer.intake.records import RecentlyFinished, RecordId, header
 from streamer.protocol import ErrorCode, EventType, GenerationRequest
-from streamer.validation import DeadLetter, Rejection, parse_request
+from streamer.validation import DeadLetter, Rejection, parse_request, prompt_chars
 
 log = structlog.get_logger(__name__)
 
@@ -63,6 +63,7 @@ class Intake:
         self.fetcher: Fetcher | None = None
         self.assigned = False
         self.poisoned = 0
+        self._limits: TokenLimits | None = None
         self.before_revoke: Callable[[], Awaitable[None]] | None = None
         """Set by the worker: commit what is finished before partitions move."""
         self.on_assignment: Callable[[], None] | None = None
@@ -145,10 +146,7 @@ class Intake:
             return
         request = parsed
         if request.id in self.flights:
-            out.spawn(out.dead_letter(
-                record, rid, priority, ErrorCode.DUPLICATE_ID,
-                f"request id {request.id!r} is already in flight from another record",
-            ))
+            self._duplicate(record, rid, priority, request.id)
             return
         if request.id in self.control.cancels:
             self._decided(record, rid, priority, request, EventType.CANCELLED)
@@ -166,10 +164,7 @@ class Intake:
             self._reject(record, rid, priority, prepared)
             return
         if request.id in self.flights:  # admitted while this one was tokenized
-            out.spawn(out.dead_letter(
-                record, rid, priority, ErrorCode.DUPLICATE_ID,
-                f"request id {request.id!r} is already in flight from another record",
-            ))
+            self._duplicate(record, rid, priority, request.id)
             return
         lane = self.lanes[record.topic][0]
         stream = self.engine.add(
@@ -193,12 +188,21 @@ class Intake:
             if self.flights.by_id(flight.request.id) is None:  # no newer attempt took the id
                 self.engine.abort(flight.request.id, "revoked")
 
+    def _duplicate(self, record: ConsumerRecord[Any, Any], rid: RecordId, priority: str,
+                   request_id: str) -> None:
+        """A different record whose id is in flight: its outcome would pass for the original's."""
+        self.outcomes.spawn(self.outcomes.dead_letter(
+            record, rid, priority, ErrorCode.DUPLICATE_ID,
+            f"request id {request_id!r} is already in flight from another record",
+        ))
+
     async def _prepare(self, request: GenerationRequest) -> Prepared | Rejection:
-        limits = TokenLimits(
-            context=self.engine.max_model_len,
-            default_max_tokens=self.config.engine.default_max_tokens,
-            max_tokens_cap=self.config.engine.max_tokens_cap,
-            max_prompt_tokens=self.config.engine.max_prompt_tokens,
+        cfg = self.config.engine
+        limits = self._limits = self._limits or TokenLimits(
+            context=self.engine.max_model_len,  # known once the model is loaded
+            default_max_tokens=cfg.default_max_tokens,
+            max_tokens_cap=cfg.max_tokens_cap,
+            max_prompt_tokens=cfg.max_prompt_tokens,
         )
         if prompt_chars(request) > OFF_LOOP_CHARS:
             return await asyncio.to_thread(prepare, request, self.engine.tokenizer, limits)
@@ -210,15 +214,13 @@ class Intake:
                  reason=events.truncate(rejection.message, 300))
         event = events.rejected(rejection.request_id, self.name, priority, rejection.code,
                                 rejection.message)
-        self.outcomes.spawn(self.outcomes.publish_terminal(record, rid, priority, event,
-                                                           "rejected"))
+        self.outcomes.spawn(self.outcomes.publish_terminal(rid, priority, event))
 
     def _decided(self, record: ConsumerRecord[Any, Any], rid: RecordId, priority: str,
                  request: GenerationRequest, event_type: EventType) -> None:
         event = events.without_generation(request.id, self.name, priority, event_type,
                                           request.metadata)
-        self.outcomes.spawn(self.outcomes.publish_terminal(record, rid, priority, event,
-                                                           str(event_type)))
+        self.outcomes.spawn(self.outcomes.publish_terminal(rid, priority, event))
 
     def finished(self, rid: RecordId, flight: Flight | None) -> None:
         """An outcome for the record was acknowledged: its offset may be committed."""
@@ -241,15 +243,18 @@ class Intake:
             log.warning("intake_paused_for_outputs" if not was_blocked
                         else "intake_resumed_for_outputs",
                         outstanding=self.outcomes.publisher.outstanding)
-        for lanes, action in ((pause, self.consumer.pause), (resume, self.consumer.resume)):
-            topics = {protocol.request_topic(self.config.prefix, protocol.PRIORITIES[i])
-                      for i in lanes}
-            tps = [tp for tp in self.consumer.assignment() if tp.topic in topics]
-            if tps:
+        for lanes, action, event in ((pause, self.consumer.pause, "lane_paused"),
+                                     (resume, self.consumer.resume, "lane_resumed")):
+            if tps := self._partitions_of(lanes):
                 action(*tps)
-            for topic in sorted(topics):
-                log.info("lane_paused" if action == self.consumer.pause else "lane_resumed",
-                         topic=topic)
+            for lane in sorted(lanes):
+                log.info(event, topic=protocol.request_topic(self.config.prefix,
+                                                             protocol.PRIORITIES[lane]))
+
+    def _partitions_of(self, lanes: set[int]) -> list[TopicPartition]:
+        """The assigned partitions of these lanes' request topics."""
+        assert self.consumer is not None
+        return [tp for tp in self.consumer.assignment() if self.lanes[tp.topic][0] in lanes]
 
     # ------------------------------------------------------------------ rebalances
 
@@ -282,12 +287,8 @@ class Intake:
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         # aiokafka forgets pauses on rebalance.
-        if self.consumer is not None:
-            topics = {protocol.request_topic(self.config.prefix, protocol.PRIORITIES[i])
-                      for i in self.backpressure.paused}
-            tps = [tp for tp in self.consumer.assignment() if tp.topic in topics]
-            if tps:
-                self.consumer.pause(*tps)
+        if self.consumer is not None and (tps := self._partitions_of(self.backpressure.paused)):
+            self.consumer.pause(*tps)
         self.assigned = True
         if self.on_assignment is not None:
             self.on_assignment()

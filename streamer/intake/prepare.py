@@ -69,8 +69,3 @@ def prepare(
     )
     return Prepared(prompt_ids, params)
 
-
-def prompt_chars(request: GenerationRequest) -> int:
-    if request.prompt is not None:
-        return len(request.prompt)
-    return sum(len(m.content) for m in request.messages or ())
