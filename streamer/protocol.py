@@ -71,9 +71,10 @@ class ErrorCode(enum.StrEnum):
     MAX_TOKENS_TOO_LARGE = "max_tokens_too_large"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     KV_BUDGET_EXCEEDED = "kv_budget_exceeded"
+    # DLQ: the worker failed on the record itself (a bug); the record alone ends.
+    INTERNAL = "internal"
     # failed: the worker could not finish it.
     MODEL_ERROR = "model_error"
-    INTERNAL = "internal"
     OUTPUT_TOO_LARGE = "output_too_large"
 
 
