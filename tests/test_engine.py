@@ -51,7 +51,7 @@ async def test_greedy_matches_transformers(make_model, arch: str, devices: str) 
             _run(engine, p, SamplingParams(max_tokens=max_tokens_for(i)), delay=0.003 * (i % 9))
             for i, p in enumerate(PROMPTS)))
         assert engine.num_requests == 0
-        assert engine.scheduler is not None and engine.scheduler.slots_in_use() == 0
+        assert engine.blocks is not None and engine.blocks.stats.used_blocks == 0
         busy = engine.stage_busy_seconds()
     assert len(busy) == len(devices.split(",")) and all(b > 0 for b in busy)
     for i, (tokens, text, final) in enumerate(results):
@@ -126,7 +126,7 @@ async def test_abort_frees_the_slot_and_finishes_the_stream(tiny_model: Path, ga
         outputs, final = await _finished(stream)
         assert final.finish_reason == "cancelled"
         assert len(_tokens(outputs)) == 5 == final.num_completion_tokens
-        assert engine.scheduler is not None and engine.scheduler.slots_in_use() == 0
+        assert engine.blocks is not None and engine.blocks.stats.used_blocks == 0
         assert not engine.abort("long")  # unknown now
 
 
