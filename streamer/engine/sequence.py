@@ -58,7 +58,8 @@ class Sequence:
     started_at: float | None = None
     """When it was first scheduled (for preemption order: most recently started goes first)."""
     num_preemptions: int = 0
-    """Times it lost its KV blocks (to a higher lane, or for lack of blocks) (it resumes by recomputing, same attempt)."""
+    """Times it lost its KV blocks, to a higher lane or for lack of blocks (it resumes by
+    recomputing what the prefix cache no longer holds, same attempt)."""
 
     @property
     def num_tokens(self) -> int:
