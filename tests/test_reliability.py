@@ -182,7 +182,7 @@ async def test_out_of_memory_shrinks_the_batch_and_retries(kafka_settings, prefi
     real_forward = stage.forward
 
     def small_memory_forward(batch, hidden):  # type: ignore[no-untyped-def]
-        sequences = batch.decode_rows.numel() + len(batch.prefills)
+        sequences = len(batch.query_lens)
         if sequences > 3:
             raise torch.OutOfMemoryError("injected: only 3 sequences fit")
         return real_forward(batch, hidden)
