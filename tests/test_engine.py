@@ -303,11 +303,12 @@ async def test_kv_blocks_grow_with_the_sequence(tiny_model: Path) -> None:
     assert live[-1] == -(-(len(ids) + 19) // 4)  # the last sampled token needs no slot
 
 
-async def test_prefix_caching_skips_a_shared_prompt_prefix(tiny_model: Path) -> None:
+@pytest.mark.parametrize("devices", ["cpu", "cpu,cpu"])
+async def test_prefix_caching_skips_a_shared_prompt_prefix(tiny_model: Path, devices: str) -> None:
     shared = " ".join(PROMPTS[:4])
     prompts = [shared + " and then the cat slept", shared + " while the robot sang"]
     expected = [greedy(tiny_model, p, 12) for p in prompts]
-    async with _engine(tiny_model, block_size=4) as engine:
+    async with _engine(tiny_model, devices, block_size=4) as engine:
         assert engine.blocks is not None
         first, _, _ = await _run(engine, prompts[0], SamplingParams(max_tokens=12))
         before = engine.blocks.stats.hit_tokens
