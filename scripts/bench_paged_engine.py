@@ -1,6 +1,6 @@
 """16 concurrent requests x 64 tokens through the paged Engine (default settings) vs HF generate().
 
-    PYTHONPATH=. python scripts/bench_paged_engine.py /work/wt-gguf/.streamer/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    PYTHONPATH=. python scripts/bench_paged_engine.py MODEL.gguf [THREADS]
 """
 
 from __future__ import annotations
@@ -27,14 +27,17 @@ async def engine_run(model: str, prompts: list[list[int]]) -> None:
     async with engine:
         b = engine.blocks
         assert b is not None
-        print(f"kv_blocks={b.num_blocks} block_size={b.block_size} tokens={b.num_blocks * b.block_size}"
-              f" max_model_len={engine.max_model_len} "
-              f"full-context sequences that fit={b.num_blocks * b.block_size // engine.max_model_len}"
+        tokens = b.num_blocks * b.block_size
+        print(f"kv_blocks={b.num_blocks} block_size={b.block_size} tokens={tokens}"
+              f" max_model_len={engine.max_model_len}"
+              f" full-context sequences that fit={tokens // engine.max_model_len}"
               f" sequences of {len(prompts[0])}+{NEW} tokens that fit="
               f"{b.num_blocks // b.blocks_for(len(prompts[0]) + NEW)}")
         peak = [0, 0.0]
+        sched = engine.scheduler
+        assert sched is not None
         engine.on_step = lambda plan, _: peak.__setitem__(
-            slice(0, 2), [max(peak[0], engine.scheduler.num_running), max(peak[1], engine.kv_usage)])
+            slice(0, 2), [max(peak[0], sched.num_running), max(peak[1], engine.kv_usage)])
         params = SamplingParams(max_tokens=NEW, ignore_eos=True)
         warm = engine.add("warm", prompts[0], SamplingParams(max_tokens=4, ignore_eos=True))
         async for _ in warm:
@@ -66,7 +69,8 @@ def hf_run(model: str, prompts: list[list[int]], pad: int) -> None:
                           min_new_tokens=NEW, do_sample=False, pad_token_id=pad)
         wall = time.perf_counter() - began
     total = (out.shape[1] - width) * len(prompts)
-    print(f"hf generate batch {len(prompts)}: {total} tokens in {wall:.2f}s = {total / wall:.1f} tok/s")
+    print(f"hf generate batch {len(prompts)}: {total} tokens in {wall:.2f}s = "
+          f"{total / wall:.1f} tok/s")
 
 
 def main() -> None:
