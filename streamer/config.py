@@ -116,11 +116,16 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     """Token budget of one step: prefill chunks plus one token per decoding sequence."""
     kv_cache_bytes: int | None = None
-    """KV-cache budget in bytes; none: kv_cache_fraction of GPU memory, or 1 GiB on CPU."""
+    """KV-cache budget in bytes (all stages together), cut into blocks; none: kv_cache_fraction
+    of free GPU memory after the weights load, or 1 GiB on CPU."""
     kv_cache_fraction: float = 0.5
     """Fraction of free device memory for the KV cache when kv_cache_bytes is none (CUDA)."""
+    block_size: int = 16
+    """Tokens per KV-cache block: sequences take blocks as they grow, and full blocks of a shared
+    prompt prefix are reused (prefix caching)."""
     max_model_len: int | None = None
-    """Longest sequence (prompt + completion); none uses the model's context length."""
+    """Longest sequence (prompt + completion), a limit and not a reservation; none uses the
+    model's context length."""
     default_max_tokens: int = 128
     """max_tokens when a request omits it (further capped by the room left in the context)."""
     max_tokens_cap: int | None = None
@@ -153,7 +158,7 @@ class EngineConfig:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             errors.append(f"dtype={self.dtype!r}; expected auto, float32, bfloat16 or float16")
         errors += _below(self, 1, "max_num_seqs", "max_num_batched_tokens", "default_max_tokens",
-                         "kv_cache_bytes", "max_model_len", "max_tokens_cap",
+                         "kv_cache_bytes", "block_size", "max_model_len", "max_tokens_cap",
                          "max_prompt_tokens", "torch_threads")
         errors += _below(self, 0, "aging_s")
         if not 0 < self.kv_cache_fraction <= 1:

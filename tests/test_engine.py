@@ -51,7 +51,7 @@ async def test_greedy_matches_transformers(make_model, arch: str, devices: str) 
             _run(engine, p, SamplingParams(max_tokens=max_tokens_for(i)), delay=0.003 * (i % 9))
             for i, p in enumerate(PROMPTS)))
         assert engine.num_requests == 0
-        assert engine.scheduler is not None and engine.scheduler.slots_in_use() == 0
+        assert engine.blocks is not None and engine.blocks.stats.used_blocks == 0
         busy = engine.stage_busy_seconds()
     assert len(busy) == len(devices.split(",")) and all(b > 0 for b in busy)
     for i, (tokens, text, final) in enumerate(results):
@@ -126,7 +126,7 @@ async def test_abort_frees_the_slot_and_finishes_the_stream(tiny_model: Path, ga
         outputs, final = await _finished(stream)
         assert final.finish_reason == "cancelled"
         assert len(_tokens(outputs)) == 5 == final.num_completion_tokens
-        assert engine.scheduler is not None and engine.scheduler.slots_in_use() == 0
+        assert engine.blocks is not None and engine.blocks.stats.used_blocks == 0
         assert not engine.abort("long")  # unknown now
 
 
@@ -280,3 +280,53 @@ async def test_unsupported_architecture_is_refused(tmp_path: Path) -> None:
         from streamer.engine.model import load_model
 
         load_model(str(tmp_path), __import__("torch").float32)
+
+
+# ------------------------------------------------------------------------------ paged KV cache
+
+
+async def test_kv_blocks_grow_with_the_sequence(tiny_model: Path) -> None:
+    held: list[int] = []
+    async with _engine(tiny_model, block_size=4) as engine:
+        assert engine.blocks is not None
+        blocks = engine.blocks
+        engine.on_step = lambda plan, _: held.append(
+            len(blocks.block_table("grow")) if blocks.has("grow") else 0)
+        ids = engine.tokenizer(PROMPTS[2]).input_ids
+        stream = engine.add("grow", ids, SamplingParams(max_tokens=20, ignore_eos=True))
+        _, final = await _finished(stream)
+        assert final.num_completion_tokens == 20
+        assert blocks.stats.used_blocks == 0 and engine.kv_usage == 0.0
+    live = [n for n in held if n]
+    assert live == sorted(live), "a running sequence never gives blocks back"
+    assert live[0] == -(-len(ids) // 4)  # the prompt's blocks, not a max_model_len reservation
+    assert live[-1] == -(-(len(ids) + 19) // 4)  # the last sampled token needs no slot
+
+
+@pytest.mark.parametrize("devices", ["cpu", "cpu,cpu"])
+async def test_prefix_caching_skips_a_shared_prompt_prefix(tiny_model: Path, devices: str) -> None:
+    shared = " ".join(PROMPTS[:4])
+    prompts = [shared + " and then the cat slept", shared + " while the robot sang"]
+    expected = [greedy(tiny_model, p, 12) for p in prompts]
+    async with _engine(tiny_model, devices, block_size=4) as engine:
+        assert engine.blocks is not None
+        first, _, _ = await _run(engine, prompts[0], SamplingParams(max_tokens=12))
+        before = engine.blocks.stats.hit_tokens
+        second, _, _ = await _run(engine, prompts[1], SamplingParams(max_tokens=12))
+        hits = engine.blocks.stats.hit_tokens - before
+    assert hits >= 16, hits  # the shared prompt's full blocks were not recomputed
+    assert [first, second] == expected
+
+
+async def test_request_larger_than_the_whole_kv_cache_is_refused(tiny_model: Path) -> None:
+    from streamer.engine.limits import LimitError
+    from streamer.protocol import ErrorCode
+
+    async with _engine(tiny_model, block_size=4, kv_cache_bytes=1 << 16) as engine:
+        assert engine.blocks is not None
+        capacity = engine.blocks.num_blocks * 4
+        with pytest.raises(LimitError, match="KV blocks") as info:
+            engine.add("big", [1] * 8, SamplingParams(max_tokens=capacity))
+        assert info.value.code is ErrorCode.KV_BUDGET_EXCEEDED
+        tokens, _, final = await _run(engine, PROMPTS[0], SamplingParams(max_tokens=4))
+        assert final.num_completion_tokens == len(tokens) == 4 or final.finish_reason == "eos"

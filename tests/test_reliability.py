@@ -182,7 +182,7 @@ async def test_out_of_memory_shrinks_the_batch_and_retries(kafka_settings, prefi
     real_forward = stage.forward
 
     def small_memory_forward(batch, hidden):  # type: ignore[no-untyped-def]
-        sequences = batch.decode_rows.numel() + len(batch.prefills)
+        sequences = len(batch.query_lens)
         if sequences > 3:
             raise torch.OutOfMemoryError("injected: only 3 sequences fit")
         return real_forward(batch, hidden)
@@ -229,8 +229,8 @@ async def test_soak_no_leaks(kafka_settings, prefix, tiny_model) -> None:
         engine = worker.engine
         print(f"\nsoak: 2100 requests; RSS {rss_before} -> {rss_after} KiB; tasks {tasks_before} ->"
               f" {tasks_after}; engine requests {engine.num_requests}; slots in use "
-              f"{engine.scheduler.slots_in_use()}; worker in flight {len(worker.intake.flights)}")
-        assert engine.num_requests == 0 and engine.scheduler.slots_in_use() == 0
+              f"{engine.blocks.stats.used_blocks}; worker in flight {len(worker.intake.flights)}")
+        assert engine.num_requests == 0 and engine.blocks.stats.used_blocks == 0
         assert engine.scheduler.num_waiting == 0 and engine.scheduler.num_running == 0
         assert not len(worker.intake.flights)
         assert worker.offsets.pending() == 0

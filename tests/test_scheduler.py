@@ -1,7 +1,7 @@
 """Unit tests of the pure scheduler (streamer.engine.scheduler).
 
 The scheduler is synchronous and takes time as an argument, so these tests drive it with a tiny
-pure simulation of the engine: schedule -> complete -> append one token per sampled item -> finish
+pure simulation of the engine (and a real, pure BlockManager): schedule -> complete -> append one token per sampled item -> finish
 sequences that reached max_tokens. Every plan is checked against the scheduler's invariants.
 """
 
@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streamer.engine.kv.block_manager import BlockManager
 from streamer.engine.scheduler import NUM_LANES, Scheduler, SchedulerConfig, StepPlan
 from streamer.engine.sequence import SamplingParams, SeqStatus, Sequence
 
@@ -39,8 +40,23 @@ def make_seq(
     )
 
 
-def make_scheduler(**config: object) -> Scheduler:
-    return Scheduler(SchedulerConfig(**config))  # type: ignore[arg-type]
+SEQ_BLOCK = 64
+"""Block size of `num_slots` schedulers: every sequence of these tests fits one block."""
+
+
+def make_scheduler(
+    num_slots: int = 32,
+    block_size: int | None = None,
+    num_blocks: int | None = None,
+    prefix_caching: bool = False,
+    **config: object,
+) -> Scheduler:
+    """A scheduler over `num_slots` one-sequence blocks (the old slot tests), or over
+    `num_blocks` blocks of `block_size` tokens."""
+    blocks = BlockManager(
+        num_blocks or num_slots, block_size or SEQ_BLOCK, prefix_caching=prefix_caching
+    )
+    return Scheduler(SchedulerConfig(**config), blocks)  # type: ignore[arg-type]
 
 
 def admit_order(scheduler: Scheduler, now: float) -> list[str]:
@@ -67,23 +83,29 @@ def run_step(scheduler: Scheduler, now: float) -> StepPlan:
 def check_state(scheduler: Scheduler) -> None:
     """Invariants of the scheduler's state between calls."""
     cfg = scheduler.config
-    per_group = scheduler.slots_per_group
+    blocks = scheduler.blocks
     assert scheduler.num_running <= cfg.max_num_seqs
     used: set[int] = set()
     for group, running in enumerate(scheduler.running):
+        assert len(running) <= scheduler.seqs_per_group
         for seq in running:
             assert seq.status is SeqStatus.RUNNING
             assert seq.group == group
-            assert seq.slot is not None
-            assert group * per_group <= seq.slot < (group + 1) * per_group, (seq.slot, group)
-            assert seq.slot not in used, f"slot {seq.slot} allocated twice"
-            used.add(seq.slot)
+            table = blocks.block_table(seq.request_id)
+            # Slots for every token it has, the last sampled one at most still pending.
+            assert blocks.num_tokens(seq.request_id) in (seq.num_tokens, seq.num_tokens - 1)
+            assert len(table) == blocks.blocks_for(blocks.num_tokens(seq.request_id))
+            if not blocks.prefix_caching:
+                assert not used & set(table), "a block allocated twice"
+            used |= set(table)
             assert 0 <= seq.num_computed <= seq.num_tokens
-    assert scheduler.slots_in_use() == len(used) == scheduler.num_running
+    if not blocks.prefix_caching:
+        assert blocks.stats.used_blocks == len(used)
+    blocks.check_invariants()
     for lane, waiting in enumerate(scheduler.waiting):
         for seq in waiting:
             assert seq.priority == lane
-            assert seq.slot is None and seq.group is None
+            assert not blocks.has(seq.request_id) and seq.group is None
             assert seq.status in (SeqStatus.WAITING, SeqStatus.PREEMPTED)
     ids = [s.request_id for s in scheduler.sequences()]
     assert len(ids) == scheduler.num_running + scheduler.num_waiting
@@ -109,7 +131,7 @@ def check_plan(scheduler: Scheduler, plan: StepPlan, in_flight: list[StepPlan]) 
         assert scheduler.is_in_flight(seq)
     for seq in plan.preempted:
         assert seq.status is SeqStatus.PREEMPTED
-        assert seq.slot is None and seq.num_computed == 0
+        assert not scheduler.blocks.has(seq.request_id) and seq.num_computed == 0
         assert seq in scheduler.waiting[seq.priority]
         assert seq.request_id not in seen
     if plan.items:
@@ -198,7 +220,7 @@ class Sim:
             if len(seq.output_ids) >= seq.params.max_tokens:
                 sched.finish(seq, SeqStatus.FINISHED_LENGTH)
                 assert seq.status is SeqStatus.FINISHED_LENGTH
-                assert seq.slot is None and seq.request_id not in sched
+                assert not sched.blocks.has(seq.request_id) and seq.request_id not in sched
                 self.finished[seq.request_id] = seq
                 self.finished_at[seq.request_id] = self.now
         check_state(sched)
@@ -229,9 +251,7 @@ def assert_each_token_computed_once(sim: Sim) -> None:
 
 
 def test_config_validation() -> None:
-    with pytest.raises(ValueError, match="num_slots"):
-        make_scheduler(num_slots=1, num_groups=2)
-    with pytest.raises(ValueError, match="num_slots"):
+    with pytest.raises(ValueError, match="num_groups"):
         make_scheduler(num_groups=0)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         make_scheduler(max_num_batched_tokens=0)
@@ -283,21 +303,22 @@ def test_max_num_seqs_below_slots_caps_running() -> None:
     assert sched.num_running == 2 and sched.num_waiting == 3
 
 
-def test_slots_are_reused_lowest_first() -> None:
+def test_finished_sequence_frees_its_blocks_for_the_next_one() -> None:
     sched = make_scheduler(num_slots=3, max_num_seqs=3)
     seqs = [make_seq(f"r{i}", 2, max_tokens=1) for i in range(3)]
     for seq in seqs:
         sched.add(seq)
     plan = sched.schedule(0, 0.0)
     assert plan is not None
-    assert [s.slot for s in seqs] == [0, 1, 2]
+    tables = [sched.blocks.block_table(s.request_id) for s in seqs]
+    assert sorted(t for (t,) in tables) == [0, 1, 2]
     sched.complete(plan)
     sched.finish(seqs[1], SeqStatus.FINISHED_LENGTH)
-    assert seqs[1].slot is None and sched.slots_in_use() == 2
+    assert not sched.blocks.has("r1") and sched.blocks.stats.used_blocks == 2
     late = make_seq("late", 2)
     sched.add(late)
     sched.schedule(0, 1.0)
-    assert late.slot == 1
+    assert sched.blocks.block_table("late") == tables[1]
 
 
 # ------------------------------------------------------------------------- chunked prefill
@@ -379,10 +400,10 @@ def test_finished_sequence_frees_its_slot_for_the_next_schedule() -> None:
     sched.complete(plan)
     a.output_ids.append(9)
     sched.finish(a, SeqStatus.FINISHED_LENGTH)
-    assert sched.slots_in_use() == 0 and sched.num_running == 0
+    assert sched.blocks.stats.used_blocks == 0 and sched.num_running == 0
     plan = sched.schedule_next(1.0)
     assert plan is not None and [i.seq for i in plan.items] == [b]
-    assert b.slot == 0
+    assert sched.blocks.has("b")
 
 
 def test_finish_of_a_waiting_sequence_removes_it_from_its_lane() -> None:
@@ -508,15 +529,15 @@ def test_urgent_arrival_preempts_the_most_recently_started_low() -> None:
     sched.add(waiting_low)
     urgent = make_seq("urgent", 4, priority=URGENT, arrival=5.0)
     sched.add(urgent)
-    slot = low1.slot
+    table = sched.blocks.block_table("low1")
     plan = sched.schedule(0, 5.0)
     assert plan is not None
     assert plan.preempted == [low1]
     assert low1.status is SeqStatus.PREEMPTED
-    assert low1.num_computed == 0 and low1.slot is None and low1.num_preemptions == 1
+    assert low1.num_computed == 0 and not sched.blocks.has("low1") and low1.num_preemptions == 1
     assert low1.output_ids == [42]
     assert list(sched.waiting[LOW]) == [low1, waiting_low]  # front of its lane
-    assert urgent.slot == slot
+    assert sched.blocks.block_table("urgent") == table  # it took the freed block
     # The victim's decode was planned before the urgent request arrived; it is dropped.
     assert [i.seq for i in plan.items] == [low0, urgent]
     assert plan.num_tokens == 1 + 4
@@ -641,8 +662,7 @@ def test_schedule_next_alternates_groups_and_skips_groups_in_flight() -> None:
     assert (p0.group, p1.group) == (0, 1)
     assert sched.in_flight == {0, 1}
     assert sched.schedule_next(0.0) is None
-    assert {s.slot for s in seqs if s.group == 0} == {0, 1}
-    assert {s.slot for s in seqs if s.group == 1} == {2, 3}
+    assert [s.group for s in seqs] == [0, 0, 1, 1]  # ceil(max_num_seqs / groups) per group
     groups = {s.request_id: s.group for s in seqs}
 
     sched.complete(p0)
@@ -781,7 +801,7 @@ def test_random_workloads_keep_invariants_and_finish(
     sim.run(max_steps=200 + 40 * total)
     assert len(sim.finished) == len(workload)
     assert_each_token_computed_once(sim)
-    assert sim.scheduler.slots_in_use() == 0 and not sim.scheduler.in_flight
+    assert sim.scheduler.blocks.stats.used_blocks == 0 and not sim.scheduler.in_flight
     if not config["preemption"]:
         assert not sim.preemptions
 
@@ -804,3 +824,97 @@ def test_out_of_memory_cap_limits_sequences_and_abandon_replans_the_same_work() 
     scheduler.step_cap = None
     full = scheduler.schedule(0, 0.0)
     assert full is not None and len(full.items) == 6  # the cap lifted: everyone runs again
+
+
+# ------------------------------------------------------------------------------------ KV blocks
+
+
+def test_kv_blocks_grow_with_the_sequence() -> None:
+    sched = make_scheduler(block_size=4, num_blocks=8)
+    seq = make_seq("a", prompt_len=5, max_tokens=8)
+    sched.add(seq)
+    used = []
+    for step in range(8):
+        plan = run_step(sched, float(step))
+        assert plan.items
+        used.append(len(sched.blocks.block_table("a")))
+    # 5 prompt tokens: 2 blocks; a block more once token 9 and 13 need slots.
+    assert used == [2, 2, 2, 2, 3, 3, 3, 3]
+    assert sched.blocks.num_tokens("a") == seq.num_tokens - 1  # the last sample: no slot yet
+
+
+def test_out_of_blocks_preempts_the_most_recent_and_everything_finishes() -> None:
+    # Two sequences of 4 + 8 tokens need 3 blocks each; 4 blocks hold only one of them at the end.
+    sched = make_scheduler(block_size=4, num_blocks=4, max_num_seqs=2)
+    sim = Sim(sched)
+    sim.submit(make_seq("old", prompt_len=4, max_tokens=8), at=0.0)
+    sim.submit(make_seq("new", prompt_len=4, max_tokens=8), at=1.0)
+    sim.run(max_steps=200)
+    assert set(sim.finished) == {"old", "new"}
+    assert sim.preemptions and sim.preemptions[0] == "new"  # most recently started goes first
+    assert_each_token_computed_once(sim)
+    assert sched.blocks.stats.used_blocks == 0
+
+
+def test_decode_preemption_takes_the_lowest_lane_first() -> None:
+    sched = make_scheduler(block_size=4, num_blocks=3, max_num_seqs=2, aging_s=0)
+    low = make_seq("low", prompt_len=2, priority=LOW, arrival=0.0, max_tokens=20)
+    urgent = make_seq("urgent", prompt_len=3, priority=URGENT, arrival=1.0, max_tokens=20)
+    sched.add(low)
+    run_step(sched, 0.0)
+    sched.add(urgent)
+    for step in range(1, 10):
+        plan = run_step(sched, float(step))
+        if plan.preempted:
+            assert plan.preempted == [low]
+            break
+    else:
+        raise AssertionError("no preemption")
+    assert urgent.status is SeqStatus.RUNNING
+
+
+def test_prefix_caching_skips_the_shared_prompt_prefix() -> None:
+    sched = make_scheduler(block_size=4, num_blocks=16, prefix_caching=True)
+    first = make_seq("first", prompt_len=10, max_tokens=2)
+    sched.add(first)
+    run_step(sched, 0.0)  # computes the 10 prompt tokens: blocks 0-1 are full and cached
+    second = Sequence("second", [*first.prompt_ids[:9], 77, 78], SamplingParams(max_tokens=2))
+    sched.add(second)
+    plan = sched.schedule(0, 1.0)
+    assert plan is not None
+    item = next(i for i in plan.items if i.seq is second)
+    assert (item.start, item.num_tokens) == (8, 3)  # two full shared blocks are not recomputed
+    assert sched.blocks.block_table("second")[:2] == sched.blocks.block_table("first")[:2]
+    assert sched.blocks.stats.hit_tokens == 8
+
+
+small_block_configs = st.builds(
+    lambda groups, seqs, budget, blocks, preempt: dict(
+        num_groups=groups,
+        block_size=4,
+        num_blocks=blocks,
+        max_num_seqs=seqs,
+        max_num_batched_tokens=budget,
+        preemption=preempt,
+    ),
+    groups=st.integers(1, 3),
+    seqs=st.integers(1, 8),
+    budget=st.integers(1, 40),
+    blocks=st.integers(12, 30),  # the longest sequence (40 + 8 tokens) needs 12
+    preempt=st.booleans(),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=small_block_configs, workload=workloads)
+def test_random_workloads_over_small_blocks_finish(
+    config: dict[str, object], workload: list[tuple[int, int, int, int]]
+) -> None:
+    sim = Sim(make_scheduler(**config))
+    for n, (at, priority, prompt_len, max_tokens) in enumerate(workload):
+        sim.submit(make_seq(f"r{n}", prompt_len, priority, max_tokens=max_tokens), at=float(at))
+    total = sum(p + m for _, _, p, m in workload)
+    sim.run(max_steps=400 + 80 * total)
+    assert len(sim.finished) == len(workload)
+    assert_each_token_computed_once(sim)
+    assert sim.scheduler.blocks.stats.used_blocks == 0 and not sim.scheduler.in_flight

@@ -23,11 +23,15 @@ from streamer.config import EngineConfig
 from streamer.engine import gate
 from streamer.engine import model as model_lib
 from streamer.engine.detokenizer import IncrementalDetokenizer
+from streamer.engine.kv.block_manager import BlockManager
+from streamer.engine.kv.pool import KVLayout
+from streamer.engine.limits import LimitError
 from streamer.engine.outputs import OutputKind, RequestOutput, RequestStream
 from streamer.engine.sampling import new_generator, sample
 from streamer.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from streamer.engine.sequence import SamplingParams, SeqStatus, Sequence
 from streamer.engine.stages import Pipeline, Stage, StepBatch
+from streamer.protocol import ErrorCode
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +61,8 @@ class Engine:
         self.scheduler: Scheduler | None = None
         self.pipeline: Pipeline | None = None
         self.max_model_len = 0
-        self.num_slots = 0
+        self.blocks: BlockManager | None = None
+        """The one owner of KV memory (blocks shared by every stage's pool)."""
         self.eos_ids: frozenset[int] = frozenset()
         self._tracked: dict[str, Tracked] = {}
         self._wakeup = asyncio.Event()
@@ -115,43 +120,42 @@ class Engine:
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
         groups = len(cfg.devices)
-        elsize = torch.empty((), dtype=dtype).element_size()
-        per_slot = (
-            2 * shape.num_layers * shape.num_kv_heads * self.max_model_len * shape.head_dim * elsize
-        )
-        budget = cfg.kv_cache_bytes or self._default_kv_budget()
-        by_budget = budget // per_slot
-        wanted = -(-cfg.max_num_seqs // groups) * groups  # more slots than sequences are unused
-        self.num_slots = (min(by_budget, wanted) // groups) * groups
-        if self.num_slots < groups:
-            raise ValueError(
-                f"KV-cache budget {budget} bytes holds {by_budget} sequence slot(s) of "
-                f"{per_slot} bytes (max_model_len={self.max_model_len}); need at least {groups}: "
-                "raise kv_cache_bytes or lower max_model_len"
-            )
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=cfg.max_num_seqs,
-                max_num_batched_tokens=cfg.max_num_batched_tokens,
-                num_slots=self.num_slots,
-                num_groups=groups,
-                aging_s=cfg.aging_s,
-                preemption=cfg.preemption,
-            )
-        )
         ranges = model_lib.split_layers(shape.num_layers, groups, cfg.layer_split)
+        # Weights first, then the KV budget: on CUDA it is a fraction of what the weights left.
         stages = [
             Stage(
                 i,
                 torch.device(device),
                 model_lib.stage_modules(hf, layers, first=i == 0, last=i == groups - 1),
-                shape,
-                self.num_slots,
-                self.max_model_len,
-                dtype,
+                layers,
             )
             for i, (device, layers) in enumerate(zip(cfg.devices, ranges, strict=True))
         ]
+        layouts = [
+            KVLayout.from_config(hf.config, layers=r, block_size=cfg.block_size, dtype=dtype)
+            for r in ranges
+        ]
+        per_block = sum(layout.bytes_per_block for layout in layouts)
+        budget = cfg.kv_cache_bytes or self._default_kv_budget()
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"KV-cache budget {budget} bytes holds no block of {per_block} bytes "
+                f"({cfg.block_size} tokens in {shape.num_layers} layers): raise kv_cache_bytes"
+            )
+        for stage, layout in zip(stages, layouts, strict=True):
+            stage.allocate_kv(layout, num_blocks)
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=cfg.max_num_seqs,
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
+                num_groups=groups,
+                aging_s=cfg.aging_s,
+                preemption=cfg.preemption,
+            ),
+            self.blocks,
+        )
         self.pipeline = Pipeline(stages)
         log.info(
             "engine_loaded",
@@ -161,8 +165,10 @@ class Engine:
             stages=[
                 f"{d}:{r.start}-{r.stop - 1}" for d, r in zip(cfg.devices, ranges, strict=True)
             ],
-            kv_slots=self.num_slots,
-            kv_bytes=per_slot * self.num_slots,
+            kv_blocks=num_blocks,
+            kv_block_size=cfg.block_size,
+            kv_bytes=per_block * num_blocks,
+            kv_tokens=num_blocks * cfg.block_size,
             max_model_len=self.max_model_len,
         )
 
@@ -177,9 +183,8 @@ class Engine:
 
     @property
     def kv_usage(self) -> float:
-        if self.scheduler is None or not self.num_slots:
-            return 0.0
-        return self.scheduler.slots_in_use() / self.num_slots
+        """Fraction of KV blocks held by sequences (idle prefix-cached blocks count as free)."""
+        return self.blocks.stats.usage if self.blocks is not None else 0.0
 
     def stage_activity(self) -> list[str]:
         """What each stage is doing right now (for the stall watchdog's log line)."""
@@ -207,6 +212,15 @@ class Engine:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                 f"max_model_len={self.max_model_len}"
+            )
+        assert self.blocks is not None
+        wanted = self.blocks.blocks_for(len(prompt_ids) + params.max_tokens)
+        if wanted > self.blocks.num_blocks:
+            raise LimitError(
+                ErrorCode.KV_BUDGET_EXCEEDED,
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
+                f"{wanted} KV blocks of {self.blocks.block_size} tokens; the whole cache has "
+                f"{self.blocks.num_blocks} (raise kv_cache_bytes)",
             )
         seq = Sequence(
             request_id, list(prompt_ids), params, priority=priority, arrival=time.monotonic()
@@ -297,7 +311,7 @@ class Engine:
                 if isinstance(result, BaseException) and self._retry_smaller(plan, result):
                     self._finish_pending_aborts(plan)
                     continue
-                scheduler.complete(plan)
+                scheduler.complete(plan, ok=not isinstance(result, BaseException))
                 self._process(plan, result)
                 self._relax_step_cap()
                 self.steps += 1
@@ -398,48 +412,34 @@ class Engine:
                 )
 
     def _build(self, plan: StepPlan) -> StepBatch:
+        assert self.blocks is not None
         ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        decode_rows: list[int] = []
-        decode_slots: list[int] = []
-        decode_lens: list[int] = []
-        prefills: list[tuple[int, int, int, int]] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        tables: list[tuple[int, ...]] = []
         sample_rows: list[int] = []
         params: list[SamplingParams] = []
         generators: list[torch.Generator | None] = []
         row = 0
         for item in plan.items:
             seq, start, num = item.seq, item.start, item.num_tokens
-            assert seq.slot is not None
             ids.extend(token_slice(seq, start, num))
-            positions.extend(range(start, start + num))
-            slots.extend([seq.slot] * num)
-            if num == 1:
-                decode_rows.append(row)
-                decode_slots.append(seq.slot)
-                decode_lens.append(start + 1)
-            else:
-                prefills.append((row, num, seq.slot, start))
+            query_lens.append(num)
+            context_lens.append(start + num)
+            tables.append(self.blocks.block_table(seq.request_id))
             if item.sample:
                 sample_rows.append(row + num - 1)
                 params.append(seq.params)
                 generators.append(self._tracked[seq.request_id].generator)
             row += num
-        span = (min(decode_slots), max(decode_slots) + 1) if decode_slots else (0, 0)
         as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
         return StepBatch(
             input_ids=as_long(ids),
-            positions=as_long(positions),
-            token_slots=as_long(slots),
-            decode_rows=as_long(decode_rows),
-            decode_slots=as_long(decode_slots),
-            decode_lens=as_long(decode_lens),
-            prefills=prefills,
+            query_lens=query_lens,
+            context_lens=context_lens,
+            block_tables=tables,
             sample_rows=as_long(sample_rows),
             sampler=lambda logits: sample(logits, params, generators),
-            slot_span=span,
-            max_decode_len=max(decode_lens, default=0),
         )
 
     def _process(self, plan: StepPlan, result: list[int] | BaseException) -> None:

@@ -1,9 +1,10 @@
 """Load a Hugging Face causal LM and split it into pipeline stages.
 
 The batched path runs the Llama family (Llama, Mistral, Qwen2, Qwen3) by calling the checkpoint's
-own modules (projections, norms, MLP, rotary embedding): the weights, rotary scaling, grouped-query
-attention, biases and RMSNorm epsilon all come from the checkpoint. Only attention is ours, because
-it reads the engine's KV cache. Other architectures are refused at start.
+own decoder layers, loaded with ``attn_implementation="streamer_paged"``: the weights, rotary
+scaling, grouped-query attention, biases and RMSNorm epsilon all come from the checkpoint. Only the
+attention function is ours (streamer/engine/attention.py), because it reads the engine's paged KV
+cache. Other architectures are refused at start.
 
 `model` is a Hugging Face folder or hub id, or a path to a ``.gguf`` file: transformers reads the
 file's config, tokenizer and (dequantized) weights, so the same code runs it.
@@ -104,7 +105,11 @@ def load_model(model: str, dtype: torch.dtype) -> tuple[nn.Module, ModelShape]:
         )
     name, kwargs = pretrained_args(model)
     # A GGUF file is dequantized on load (to `dtype`): the engine runs plain float weights.
-    hf = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **kwargs)
+    from streamer.engine.attention import register_paged_attention
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        name, config=config, dtype=dtype, attn_implementation=register_paged_attention(), **kwargs
+    )
     hf.eval()
     text_config = hf.config
     num_heads = text_config.num_attention_heads
@@ -112,7 +117,7 @@ def load_model(model: str, dtype: torch.dtype) -> tuple[nn.Module, ModelShape]:
     context = int(getattr(text_config, "max_position_embeddings", 2048))
     window = getattr(text_config, "sliding_window", None)
     if window and getattr(text_config, "use_sliding_window", True) and window < context:
-        # Our attention is full attention: stay inside the window, where the two agree.
+        # Kept from the slot engine: stay inside the window (the paged attention honours it too).
         log.warning("sliding_window_caps_context", sliding_window=window, context=context)
         context = int(window)
     shape = ModelShape(

@@ -39,7 +39,8 @@ class SamplingParams:
 
 @dataclass(eq=False)
 class Sequence:
-    """One request's tokens and where its KV cache lives."""
+    """One request's tokens and its place in the schedule (its KV blocks are the BlockManager's,
+    under `request_id`)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -51,13 +52,14 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     """Tokens (prompt, then output) whose keys and values are in the cache."""
-    slot: int | None = None
     group: int | None = None
+    """Micro-batch group while running; None while waiting."""
     status: SeqStatus = SeqStatus.WAITING
     started_at: float | None = None
     """When it was first scheduled (for preemption order: most recently started goes first)."""
     num_preemptions: int = 0
-    """Times it lost its slot to a higher lane (it resumes by recomputing, same attempt)."""
+    """Times it lost its KV blocks, to a higher lane or for lack of blocks (it resumes by
+    recomputing what the prefix cache no longer holds, same attempt)."""
 
     @property
     def num_tokens(self) -> int:

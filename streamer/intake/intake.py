@@ -23,7 +23,7 @@ from streamer.config import WorkerConfig
 from streamer.egress import events
 from streamer.egress.outcomes import Outcomes
 from streamer.engine.engine import Engine
-from streamer.engine.limits import TokenLimits
+from streamer.engine.limits import LimitError, TokenLimits
 from streamer.intake.backpressure import Backpressure
 from streamer.intake.control import ControlListener
 from streamer.intake.fetch import Fetcher
@@ -167,10 +167,14 @@ class Intake:
             self._duplicate(record, rid, priority, request.id)
             return
         lane = self.lanes[record.topic][0]
-        stream = self.engine.add(
-            request.id, prepared.prompt_ids, prepared.params, priority=lane,
-            deadline_ms=request.deadline_ms,
-        )
+        try:
+            stream = self.engine.add(
+                request.id, prepared.prompt_ids, prepared.params, priority=lane,
+                deadline_ms=request.deadline_ms,
+            )
+        except LimitError as exc:  # e.g. KV_BUDGET_EXCEEDED: it could never fit the KV cache
+            self._reject(record, rid, priority, Rejection(request.id, exc.code, str(exc)))
+            return
         flight = Flight(
             request, record, rid, priority, stream, len(prepared.prompt_ids),
             traceparent=protocol.valid_traceparent(header(record, "traceparent")),
