@@ -109,6 +109,8 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _greedy(hf: torch.nn.Module, ids: list[int], n: int = 16) -> list[int]:
+    # The engine loads models with its paged attention; plain generate() needs a stock one.
+    hf.set_attn_implementation("sdpa")  # type: ignore[operator]
     with torch.inference_mode():
         out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
                           min_new_tokens=n)
