@@ -83,7 +83,8 @@ def _add_engine_options(parser: argparse.ArgumentParser, mix_default: str) -> No
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--kv-cache-bytes", type=int)
-    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="default: the model's own context length")
     parser.add_argument("--static-batch", type=int, default=32)
     parser.add_argument("--static-window-ms", type=float, default=10.0)
     parser.add_argument("--ceiling-batches", type=_ints, help="batch sizes to try (default "

@@ -25,7 +25,7 @@ class BenchOptions:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     kv_cache_bytes: int | None = None
-    max_model_len: int | None = 512
+    max_model_len: int | None = None  # the model's own context: the default a user gets
     static_batch: int = 32
     static_window_s: float = 0.010
     ceiling_batches: tuple[int, ...] = (16, 32, 64)
@@ -71,9 +71,9 @@ def worker_env(threads: int | None) -> dict[str, str]:
 
 
 def load_workload(options: BenchOptions) -> tuple[Workload, Any]:
-    from transformers import AutoTokenizer
+    from streamer.engine.model import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(options.model)
+    tokenizer = load_tokenizer(options.model)  # a folder or a .gguf file
     return build_workload(options.workload, tokenizer), tokenizer
 
 
@@ -81,7 +81,10 @@ def load_hf_model(path: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    from streamer.engine.model import pretrained_args
+
+    name, kwargs = pretrained_args(path)  # a folder or a .gguf file (dequantized)
+    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **kwargs).eval()
 
 
 def timed_system(name: str, fn: Callable[[], SystemResult], log: Callable[[str], None]
