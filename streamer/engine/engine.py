@@ -20,7 +20,7 @@ import torch
 
 from streamer.aio import cancel_and_wait
 from streamer.config import EngineConfig
-from streamer.engine import gate
+from streamer.engine import gate, probe
 from streamer.engine import model as model_lib
 from streamer.engine.detokenizer import IncrementalDetokenizer
 from streamer.engine.kv.block_manager import BlockManager
@@ -30,6 +30,7 @@ from streamer.engine.outputs import OutputKind, RequestOutput, RequestStream
 from streamer.engine.sampling import new_generator, sample
 from streamer.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from streamer.engine.sequence import SamplingParams, SeqStatus, Sequence
+from streamer.engine.shell import StageShell
 from streamer.engine.stages import Pipeline, Stage, StepBatch
 from streamer.protocol import ErrorCode
 
@@ -122,11 +123,13 @@ class Engine:
         groups = len(cfg.devices)
         ranges = model_lib.split_layers(shape.num_layers, groups, cfg.layer_split)
         # Weights first, then the KV budget: on CUDA it is a fraction of what the weights left.
+        # The model's own logits first: the stages then take its layers (and hook them).
+        expected = probe.reference_logits(hf, probe.probe_ids(shape.vocab_size))
         stages = [
             Stage(
                 i,
                 torch.device(device),
-                model_lib.stage_modules(hf, layers, first=i == 0, last=i == groups - 1),
+                StageShell(hf, layers, torch.device(device), first=i == 0, last=i == groups - 1),
                 layers,
             )
             for i, (device, layers) in enumerate(zip(cfg.devices, ranges, strict=True))
@@ -145,6 +148,7 @@ class Engine:
             )
         for stage, layout in zip(stages, layouts, strict=True):
             stage.allocate_kv(layout, num_blocks)
+        probe.check(stages, expected, dtype, shape.model_type)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(

@@ -1,10 +1,12 @@
 """Load a Hugging Face causal LM and split it into pipeline stages.
 
-The batched path runs the Llama family (Llama, Mistral, Qwen2, Qwen3) by calling the checkpoint's
-own decoder layers, loaded with ``attn_implementation="streamer_paged"``: the weights, rotary
-scaling, grouped-query attention, biases and RMSNorm epsilon all come from the checkpoint. Only the
-attention function is ours (streamer/engine/attention.py), because it reads the engine's paged KV
-cache. Other architectures are refused at start.
+Any decoder-only architecture whose attention goes through transformers' `AttentionInterface` runs
+here: the model is loaded with ``attn_implementation="streamer_paged"`` and each stage calls the
+checkpoint's own forward (streamer/engine/shell.py), so norms, rotary variants, fused projections,
+sliding windows and soft-capping are the model's code. Only the attention function is ours
+(streamer/engine/attention.py), because it reads the engine's paged KV cache. What cannot be
+driven that way is refused here, saying why, and `streamer.engine.probe` checks at start that the
+paged path gives the model's own logits.
 
 `model` is a Hugging Face folder or hub id, or a path to a ``.gguf`` file: transformers reads the
 file's config, tokenizer and (dequantized) weights, so the same code runs it.
@@ -21,9 +23,14 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from streamer.engine.kv.pool import ATTENTION_LAYER_TYPES
+
 log = structlog.get_logger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Families checked token for token against transformers in the test suite (tiny random configs).
+TESTED_MODEL_TYPES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt_oss",
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -95,14 +102,41 @@ def load_config(model: str) -> Any:
         raise
 
 
+def refusal(config: Any, model_class: type | None) -> str | None:
+    """Why the engine cannot drive this architecture, or None."""
+    model_type = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False):
+        return f"model type {model_type!r} is an encoder-decoder; only decoder-only LMs are served"
+    if model_class is None:
+        return f"model type {model_type!r} has no causal-LM class in transformers"
+    if not getattr(model_class, "_supports_attention_backend", False):
+        return (
+            f"{model_class.__name__} ({model_type!r}) does not route attention through "
+            "transformers' AttentionInterface, so its layers cannot read the paged KV cache"
+        )
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config or getattr(config, "vision_config", None) is not None:
+        return f"model type {model_type!r} is multimodal; serve its text-only model instead"
+    kinds = sorted(
+        {k for k in getattr(text, "layer_types", None) or () if k not in ATTENTION_LAYER_TYPES}
+    )
+    if kinds:
+        return (
+            f"model type {model_type!r} has layers of type {kinds}: they keep their own "
+            "recurrent state, which the paged KV cache does not hold"
+        )
+    return None
+
+
 def load_model(model: str, dtype: torch.dtype) -> tuple[nn.Module, ModelShape]:
     config = load_config(model)
     model_type = getattr(config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model type {model_type!r} is not supported by the batched pipeline; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    reason = refusal(config, model_class)
+    if reason is not None:
+        raise ValueError(f"cannot serve {model!r}: {reason}")
     name, kwargs = pretrained_args(model)
     # A GGUF file is dequantized on load (to `dtype`): the engine runs plain float weights.
     from streamer.engine.attention import register_paged_attention
@@ -111,15 +145,18 @@ def load_model(model: str, dtype: torch.dtype) -> tuple[nn.Module, ModelShape]:
         name, config=config, dtype=dtype, attn_implementation=register_paged_attention(), **kwargs
     )
     hf.eval()
-    text_config = hf.config
+    text_config = hf.config.get_text_config()
     num_heads = text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+    # Sliding-window layers need no cap: the paged attention applies each layer's window.
     context = int(getattr(text_config, "max_position_embeddings", 2048))
-    window = getattr(text_config, "sliding_window", None)
-    if window and getattr(text_config, "use_sliding_window", True) and window < context:
-        # Kept from the slot engine: stay inside the window (the paged attention honours it too).
-        log.warning("sliding_window_caps_context", sliding_window=window, context=context)
-        context = int(window)
+    if model_type not in TESTED_MODEL_TYPES:
+        log.warning(
+            "model_type_untested",
+            model_type=model_type,
+            tested=",".join(TESTED_MODEL_TYPES),
+            note="served through its own layers; the start-up probe checked its logits",
+        )
     shape = ModelShape(
         num_layers=text_config.num_hidden_layers,
         num_heads=num_heads,
@@ -148,15 +185,3 @@ def split_layers(num_layers: int, num_stages: int, split: tuple[int, ...] | None
         ranges.append(range(start, start + count))
         start += count
     return ranges
-
-
-def stage_modules(hf: nn.Module, layers: range, first: bool, last: bool) -> dict[str, Any]:
-    """The modules one stage needs, taken from the loaded checkpoint."""
-    inner = hf.model
-    return {
-        "layers": [inner.layers[i] for i in layers],
-        "embed": inner.embed_tokens if first else None,
-        "norm": inner.norm if last else None,
-        "lm_head": hf.lm_head if last else None,
-        "rotary": inner.rotary_emb,
-    }

@@ -1,9 +1,10 @@
 """Pipeline stages: a range of the checkpoint's own decoder layers on one device, with the paged
 KV memory (`KVPool`) of exactly those layers, run on its own thread.
 
-Every stage runs its layers with ``attn_implementation="streamer_paged"``: the layers are the
-checkpoint's (projections, norms, rotary, MLP, residuals), and attention reads and writes this
-stage's pool through the step's `PagedStep`, made current on the stage's thread. All stages share
+Every stage runs the model's own forward over its layers (`StageShell`), loaded with
+``attn_implementation="streamer_paged"``: embedding, rotary, layers, norms and head are the
+checkpoint's code, and attention reads and writes this stage's pool through the step's
+`PagedStep`, made current on the stage's thread. All stages share
 the block tables (the engine's one `BlockManager` hands them out); each pool has the same number of
 blocks, holding its own layers' keys and values.
 
@@ -14,7 +15,6 @@ so while stage 1 runs micro-batch A, stage 0 runs micro-batch B.
 from __future__ import annotations
 
 import asyncio
-import copy
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +26,7 @@ import torch
 from streamer.aio import cancel_and_wait
 from streamer.engine.attention import PagedStep, paged_step
 from streamer.engine.kv.pool import KVLayout, KVPool
+from streamer.engine.shell import StageShell
 
 
 @dataclass
@@ -43,17 +44,11 @@ class StepBatch:
 class Stage:
     """Decoder layers [a, b) of the model on one device, with the KV blocks of those layers."""
 
-    def __init__(
-        self, index: int, device: torch.device, modules: dict[str, Any], layers: range
-    ) -> None:
+    def __init__(self, index: int, device: torch.device, shell: StageShell, layers: range) -> None:
         self.index = index
         self.device = device
         self.layer_range = layers
-        self.layers = [layer.to(device) for layer in modules["layers"]]
-        self.embed = modules["embed"].to(device) if modules["embed"] is not None else None
-        self.norm = modules["norm"].to(device) if modules["norm"] is not None else None
-        self.lm_head = modules["lm_head"].to(device) if modules["lm_head"] is not None else None
-        self.rotary = copy_rotary(modules["rotary"], device)
+        self.shell = shell
         self.pool: KVPool | None = None
         self.busy_seconds = 0.0
         self.current: str = "idle"
@@ -73,38 +68,25 @@ class Stage:
             self.busy_seconds += time.perf_counter() - began
             self.current = "idle"
 
-    def _forward(self, batch: StepBatch, hidden: torch.Tensor | None) -> Any:
+    def run(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states for the next stage, or the sampled rows' logits [n, V] (float32)."""
         assert self.pool is not None, "allocate_kv first"
         dev = self.device
         # Slots and masks for this stage's pool: same block tables, this device.
         step = PagedStep(self.pool, batch.query_lens, batch.context_lens, batch.block_tables)
-        positions = step.positions[None]  # [1, T]
-        if self.embed is not None:
-            hidden = self.embed(batch.input_ids.to(dev, non_blocking=True)[None])  # [1, T, H]
-        assert hidden is not None
-        hidden = hidden.to(dev, non_blocking=True)
-        position_embeddings = self.rotary(hidden, positions)
+        ids = batch.input_ids.to(dev, non_blocking=True) if self.shell.first else None
+        if hidden is not None:
+            hidden = hidden.to(dev, non_blocking=True)
         with paged_step(step):
-            for layer in self.layers:
-                hidden = layer(
-                    hidden,
-                    attention_mask=None,
-                    position_ids=positions,
-                    position_embeddings=position_embeddings,
-                )
-        if self.lm_head is None:
-            return hidden
-        if batch.sample_rows.numel() == 0:
-            return []
-        assert self.norm is not None
-        last = self.norm(hidden[0, batch.sample_rows.to(dev)])
-        logits = self.lm_head(last).float()  # [n, V]
-        return batch.sampler(logits)
+            out = self.shell.forward(ids, hidden, step.positions, batch.sample_rows.to(dev))
+        return out.float() if self.shell.last else out
 
-
-def copy_rotary(rotary: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Each stage computes rotary tables on its own device from the checkpoint's rotary module."""
-    return copy.deepcopy(rotary).to(device)
+    def _forward(self, batch: StepBatch, hidden: torch.Tensor | None) -> Any:
+        out = self.run(batch, hidden)
+        if not self.shell.last:
+            return out
+        # No sampled row: only prompt chunks that do not end their prompt (the cache is the point).
+        return batch.sampler(out) if batch.sample_rows.numel() else []
 
 
 _STOP = object()
