@@ -23,7 +23,10 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 
 from streamer.engine.attention import (
     ATTENTION_NAME,
+    BUCKET_GROWTH,
+    BUCKET_SLACK,
     PagedStep,
+    decode_buckets,
     paged_attention_forward,
     paged_step,
 )
@@ -273,11 +276,12 @@ def test_paged_attention_equals_the_definition(window, softcap, use_sinks) -> No
     gen = torch.Generator().manual_seed(0)
     hq, hkv, d, bs = 6, 2, 8, 4
     layout = KVLayout((0,), hkv, d, bs, torch.float64)
-    pool = KVPool(layout, 32)
+    pool = KVPool(layout, 64)
     # A decode with 12 cached tokens, a chunk of 5 after 6 cached, a fresh prompt, a decode after
-    # 3, a chunk of 3 after 14 (its window starts two blocks in).
-    starts, lens = [12, 6, 0, 3, 14], [1, 5, 7, 1, 3]
-    tables = [[3, 9, 1, 4], [0, 7, 12], [20, 21], [30], [5, 6, 8, 10, 11]]
+    # 3, a chunk of 3 after 14 (its window starts two blocks in), a decode after 59 (long enough
+    # to be attended in a bucket of its own).
+    starts, lens = [12, 6, 0, 3, 14, 59], [1, 5, 7, 1, 3, 1]
+    tables = [[3, 9, 1, 4], [0, 7, 12], [20, 21], [30], [5, 6, 8, 10, 11], list(range(40, 55))]
     history = [
         torch.randn(s + n, 2, hkv, d, generator=gen, dtype=torch.float64)
         for s, n in zip(starts, lens, strict=True)
@@ -292,6 +296,7 @@ def test_paged_attention_equals_the_definition(window, softcap, use_sinks) -> No
     new_v = torch.cat([kv[s:, 1] for s, kv in zip(starts, history, strict=True)])
     sinks = torch.randn(hq, generator=gen, dtype=torch.float64) if use_sinks else None
     step = PagedStep(pool, lens, [s + n for s, n in zip(starts, lens, strict=True)], tables)
+    assert [d.rows.tolist() for d in step.decodes] == [[13, 0], [17]]  # decode rows, by length
     with paged_step(step):
         out, _ = paged_attention_forward(
             _Module(0, sinks),
@@ -308,6 +313,20 @@ def test_paged_attention_equals_the_definition(window, softcap, use_sinks) -> No
         want = _naive(q[row : row + n], kv[:, 0], kv[:, 1], s, 0.3, window, softcap, sinks)
         torch.testing.assert_close(out[0, row : row + n], want)
         row += n
+
+
+def test_decode_buckets_bound_the_padding() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        blocks = [rng.choice([1, 2, 3, 40, 41, 90, 500]) + rng.randrange(3) for _ in range(12)]
+        items = list(range(100, 112))
+        groups = decode_buckets(items, blocks)
+        assert sorted(i for g in groups for i in g) == items
+        for group in groups:
+            own = [blocks[i - 100] for i in group]
+            assert max(own) <= max(BUCKET_GROWTH * min(own), min(own) + BUCKET_SLACK)
+    assert decode_buckets([7, 8, 9], [30, 31, 33]) == [[7, 8, 9]]  # similar lengths: one call
+    assert decode_buckets([], []) == []
 
 
 def test_step_rejects_tables_that_do_not_cover_the_context() -> None:

@@ -142,15 +142,17 @@ class PagedStep:
         self.num_tokens = int(q_lens.sum())
 
         decode = [i for i, q in enumerate(query_lens) if q == 1]
-        self.decodes: _Decodes | None = None
-        if decode:
-            nb = -(-max(context_lens[i] for i in decode) // bs)
-            index = torch.tensor(decode)
-            self.decodes = _Decodes(
-                rows=firsts[index].to(device),
-                tables=tables[index, :nb].to(device),
-                context_lens=c_lens[index].to(device),
-                block_size=bs,
+        self.decodes: list[_Decodes] = []
+        for group in decode_buckets(decode, [-(-context_lens[i] // bs) for i in decode]):
+            nb = max(-(-context_lens[i] // bs) for i in group)
+            index = torch.tensor(group)
+            self.decodes.append(
+                _Decodes(
+                    rows=firsts[index].to(device),
+                    tables=tables[index, :nb].to(device),
+                    context_lens=c_lens[index].to(device),
+                    block_size=bs,
+                )
             )
         self.prefills = [
             _Prefill(
@@ -163,6 +165,28 @@ class PagedStep:
             for i, q in enumerate(query_lens)
             if q > 1
         ]
+
+
+# Decode sequences attend in buckets of similar length, so padding to the longest in a bucket
+# costs at most this factor over a sequence's own blocks (or SLACK blocks, for short ones).
+BUCKET_GROWTH = 2
+BUCKET_SLACK = 8
+
+
+def decode_buckets(items: Sequence[int], blocks: Sequence[int]) -> list[list[int]]:
+    """Split decode sequences (`items`, with their block counts) into groups attended together:
+    sorted by length, a new group starts where a sequence has more than BUCKET_GROWTH times the
+    blocks of the group's shortest (and BUCKET_SLACK more). A batch of similar lengths stays one
+    SDPA call; one long sequence no longer makes every short one read its length."""
+    order = sorted(range(len(items)), key=lambda i: blocks[i])
+    groups: list[list[int]] = []
+    floor = 0
+    for i in order:
+        if not groups or (blocks[i] > BUCKET_GROWTH * floor and blocks[i] - floor > BUCKET_SLACK):
+            groups.append([])
+            floor = blocks[i]
+        groups[-1].append(items[i])
+    return groups
 
 
 _local = threading.local()
@@ -248,9 +272,9 @@ def paged_attention_forward(
     out = q.new_empty(num_tokens, num_heads, dv)
     dtype = q.dtype
 
-    # 2a. All single-token sequences at once, over a gathered [B, L] view of their blocks.
-    dec = step.decodes
-    if dec is not None:
+    # 2a. Single-token sequences, a bucket of similar lengths at a time, over a gathered [B, L]
+    # view of their blocks.
+    for dec in step.decodes:
         b = dec.rows.shape[0]
         blocks, length, mask = dec.keys(window)
         qd = q.index_select(0, dec.rows).view(b, num_kv, groups, head_dim)  # [B, Hkv, G, D]
