@@ -204,6 +204,11 @@ class WorkerConfig:
     even when the broker is gone."""
     max_outstanding_outputs: int = 20_000
     """Unacknowledged output messages at which intake pauses (resumes below half)."""
+    chunk_ms: float = 50.0
+    """Token chunks of one request are sent at most this often: the first token at once, then
+    what accumulated when the window has passed (0: every engine output as its own chunk)."""
+    chunk_tokens: int = 64
+    """A request's accumulated tokens are sent at once when this many are waiting."""
     stall_timeout_s: float = 60.0
     """Work queued but no engine step finished for this long: /healthz fails, stages are logged."""
     log_prompts: bool = False
@@ -230,8 +235,9 @@ class WorkerConfig:
             errors.append(f"prefix={self.prefix!r} must be a non-empty topic-name prefix")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             errors.append(f"metrics_port={self.metrics_port} is not a port")
-        errors += _below(self, 1, "lane_capacity", "max_outstanding_outputs")
-        errors += _below(self, 0, "cancel_window_s", "shutdown_grace_s", "revoke_wait_s")
+        errors += _below(self, 1, "lane_capacity", "max_outstanding_outputs", "chunk_tokens")
+        errors += _below(self, 0, "cancel_window_s", "shutdown_grace_s", "revoke_wait_s",
+                         "chunk_ms")
         errors += [f"{name}={getattr(self, name)} must be > 0"
                    for name in ("shutdown_timeout_s", "stall_timeout_s")
                    if getattr(self, name) <= 0]

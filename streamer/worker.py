@@ -49,7 +49,8 @@ class Worker:
         self.offsets = OffsetTracker()
         self.publisher = Publisher(config.kafka, config.prefix, self.name)
         self.outcomes = Outcomes(
-            self.publisher, self.metrics, self.name, lambda rid, f: self.intake.finished(rid, f)
+            self.publisher, self.metrics, self.name, lambda rid, f: self.intake.finished(rid, f),
+            chunk_s=config.chunk_ms / 1000, chunk_tokens=config.chunk_tokens,
         )
         self.control = ControlListener(
             config.kafka, config.prefix, config.cancel_window_s, self._on_cancel

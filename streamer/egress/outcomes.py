@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import structlog
@@ -18,8 +18,9 @@ from aiokafka.structs import ConsumerRecord
 
 from streamer import protocol
 from streamer.egress import events
+from streamer.egress.coalesce import Coalescer
 from streamer.egress.publisher import OutputTooLarge, Publisher, PublisherStopped
-from streamer.engine.outputs import OutputKind, RequestOutput
+from streamer.engine.outputs import OutputKind, RequestOutput, RequestStream
 from streamer.intake.flights import Flight
 from streamer.intake.records import RecordId
 from streamer.observability.metrics import WorkerMetrics
@@ -33,8 +34,11 @@ OnDone = Callable[[RecordId, Flight | None], None]
 
 class Outcomes:
     def __init__(
-        self, publisher: Publisher, metrics: WorkerMetrics, worker: str, on_done: OnDone
+        self, publisher: Publisher, metrics: WorkerMetrics, worker: str, on_done: OnDone, *,
+        chunk_s: float = 0.0, chunk_tokens: int = 64,
     ) -> None:
+        self.chunk_s = chunk_s
+        self.chunk_tokens = chunk_tokens
         self.publisher = publisher
         self.metrics = metrics
         self.worker = worker
@@ -108,31 +112,34 @@ class Outcomes:
         produced = flight.record.timestamp / 1000
         try:
             acks.append(await self._event(flight, EventType.QUEUED, attempt=False))
-            async for out in flight.stream:
-                if out.kind is OutputKind.STARTED:
-                    started = time.time()
-                    acks.append(await self._event(flight, EventType.STARTED))
-                    self.metrics.request_queue_time.labels(flight.priority).observe(
-                        max(0.0, started - produced)
-                    )
-                elif out.kind is OutputKind.TOKENS:
-                    if first_token is None and out.token_ids:
-                        first_token = time.time()
-                    chunk = protocol.TokenChunk(
-                        request_id=request.id, attempt=flight.attempt, index=out.index,
-                        token_ids=out.token_ids, text=out.text,
-                    )
-                    acks.append(await self.publisher.send_chunk(
-                        chunk, priority=flight.priority, traceparent=flight.traceparent
-                    ))
-                    self.metrics.generation_tokens.inc(len(out.token_ids))
-                elif out.kind is OutputKind.PREEMPTED:
-                    self.metrics.num_preemptions.inc()
-                    acks.append(await self._event(flight, EventType.PREEMPTED))
-                elif out.kind is OutputKind.FINISHED:
-                    clock = events.Clock(produced, started, first_token, time.time())
-                    await self._finish(flight, out, acks, clock, bound, is_current)
-                    return
+            coalescer = Coalescer(self.chunk_s, self.chunk_tokens)
+            async for arrived, now in _timed(flight.stream, coalescer):
+                due = coalescer.take(now) if arrived is None else coalescer.push(arrived, now)
+                for out in due:
+                    if out.kind is OutputKind.STARTED:
+                        started = time.time()
+                        acks.append(await self._event(flight, EventType.STARTED))
+                        self.metrics.request_queue_time.labels(flight.priority).observe(
+                            max(0.0, started - produced)
+                        )
+                    elif out.kind is OutputKind.TOKENS:
+                        if first_token is None and out.token_ids:
+                            first_token = time.time()
+                        chunk = protocol.TokenChunk(
+                            request_id=request.id, attempt=flight.attempt, index=out.index,
+                            token_ids=out.token_ids, text=out.text,
+                        )
+                        acks.append(await self.publisher.send_chunk(
+                            chunk, priority=flight.priority, traceparent=flight.traceparent
+                        ))
+                        self.metrics.generation_tokens.inc(len(out.token_ids))
+                    elif out.kind is OutputKind.PREEMPTED:
+                        self.metrics.num_preemptions.inc()
+                        acks.append(await self._event(flight, EventType.PREEMPTED))
+                    elif out.kind is OutputKind.FINISHED:
+                        clock = events.Clock(produced, started, first_token, time.time())
+                        await self._finish(flight, out, acks, clock, bound, is_current)
+                        return
         except PublisherStopped:
             bound.info("request_handed_back", reason="publisher stopped")
 
@@ -224,3 +231,22 @@ class Outcomes:
                     (clock.now - clock.first_token) / (out.num_completion_tokens - 1)
                 )
 
+
+
+async def _timed(
+    stream: RequestStream, coalescer: Coalescer
+) -> AsyncIterator[tuple[RequestOutput | None, float]]:
+    """The stream's outputs with their arrival time; `(None, now)` when the coalescer's flush
+    deadline passes first (then its pending tokens go out)."""
+    loop = asyncio.get_running_loop()
+    while not stream.finished:
+        deadline = coalescer.deadline()
+        if deadline is None:
+            yield await stream.get(), loop.time()
+            continue
+        try:
+            out = await asyncio.wait_for(stream.get(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            yield None, loop.time()
+        else:
+            yield out, loop.time()

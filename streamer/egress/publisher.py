@@ -11,6 +11,7 @@ be sent (larger than `max_bytes`, or refused by the broker as too large) fails i
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,9 @@ class Publisher:
         self._outstanding = 0
         self._retries: set[asyncio.Task[None]] = set()
         self.retried = 0
+        # Messages and bytes handed to the producer, per topic (a retry is not counted again).
+        self.records: Counter[str] = Counter()
+        self.bytes: Counter[str] = Counter()
 
     async def start(self) -> None:
         if not self._started:
@@ -139,12 +143,15 @@ class Publisher:
     ) -> asyncio.Future[Any]:
         """Hand one message to the producer; the future resolves when the broker has it."""
         delivery = _Delivery(topic, value, key, headers)
-        if record_size(value, headers) + len(key or b"") > self.max_bytes:
+        size = record_size(value, headers) + len(key or b"")
+        if size > self.max_bytes:
             delivery.done.set_exception(
                 OutputTooLarge(f"{topic} message over {self.max_bytes} bytes")
             )
             return delivery.done
         self._outstanding += 1
+        self.records[topic] += 1
+        self.bytes[topic] += size
         delivery.done.add_done_callback(self._settled)
         await self._attempt(delivery)
         return delivery.done
