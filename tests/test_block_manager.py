@@ -263,6 +263,133 @@ def test_reset_prefix_cache_drops_only_idle_entries() -> None:
     bm.check_invariants()
 
 
+# ------------------------------------------------------------------ hit accounting (tokens)
+
+
+def lookups(bm: BlockManager) -> tuple[int, int, int, int]:
+    s = bm.stats
+    return s.query_tokens, s.hit_tokens, s.preempted_query_tokens, s.preempted_hit_tokens
+
+
+def test_shared_prefix_counts_queried_and_hit_tokens() -> None:
+    bm = BlockManager(32, BS)
+    shared = ids(3 * BS)  # three full blocks
+    first = [*shared, 90, 91]
+    assert lookups(bm) == (0, 0, 0, 0) and bm.stats.hit_rate == 0.0  # nothing queried yet
+    bm.allocate("first", first)
+    assert lookups(bm) == (len(first), 0, 0, 0)  # a cold cache: every token queried, none hit
+    computed(bm, "first", first)
+    for n, tail in enumerate(([80], [81, 82, 83, 84, 85], [86, 87])):
+        bm.allocate(f"later{n}", [*shared, *tail])
+    queried = len(first) + (3 * BS + 1) + (3 * BS + 5) + (3 * BS + 2)
+    assert lookups(bm) == (queried, 3 * 3 * BS, 0, 0)
+    assert bm.stats.hit_rate == 3 * 3 * BS / queried
+    bm.check_invariants()
+
+
+def test_partial_blocks_and_the_last_token_are_never_hits() -> None:
+    bm = BlockManager(32, BS)
+    prompt = ids(2 * BS + 3)  # two full blocks and a partial one
+    bm.allocate("a", prompt)
+    computed(bm, "a", prompt)
+    # Same tokens again: the partial third block is not cached, so only the two full ones hit.
+    bm.allocate("b", prompt)
+    assert lookups(bm)[:2] == (2 * len(prompt), 2 * BS)
+    # A prompt that fills its last block exactly still recomputes that block (the last token
+    # must run to give logits), even though the block is cached.
+    exact = ids(2 * BS, 100)
+    bm.allocate("c", exact)
+    computed(bm, "c", exact)
+    before = lookups(bm)
+    bm.allocate("d", exact)
+    assert lookups(bm)[0] - before[0] == 2 * BS and lookups(bm)[1] - before[1] == BS
+    # A prompt shorter than one block can never hit.
+    tiny = ids(BS - 1, 300)
+    bm.allocate("e", tiny)
+    computed(bm, "e", tiny)
+    before = lookups(bm)
+    bm.allocate("f", tiny)
+    assert lookups(bm)[1] == before[1]
+
+
+def test_a_differing_token_ends_the_hit_at_its_block() -> None:
+    bm = BlockManager(32, BS)
+    base = ids(4 * BS)
+    bm.allocate("a", base)
+    computed(bm, "a", base)
+    changed = list(base)
+    changed[2 * BS + 1] = 999  # inside the third block: the chain breaks there
+    bm.allocate("b", changed)
+    assert lookups(bm)[1] == 2 * BS
+
+
+def test_resumed_sequences_count_apart_from_the_hit_ratio() -> None:
+    bm = BlockManager(32, BS)
+    prompt = ids(6)
+    bm.allocate("s", prompt)
+    computed(bm, "s", prompt)
+    for t in range(7):  # decode 7 tokens: 13 tokens, 3 full blocks computed
+        bm.may_append("s", [1000 + t])
+        bm.mark_computed("s", bm.num_tokens("s"))
+    tokens = [*prompt, *range(1000, 1007)]
+    bm.deallocate("s")
+    assert bm.allocate("s", tokens, resumed=True) == 3 * BS
+    # The new-request totals are untouched: a victim re-hitting its own blocks is no evidence
+    # that prompts share prefixes. What was recomputed is queried minus hit.
+    assert lookups(bm) == (len(prompt), 0, len(tokens), 3 * BS)
+    assert bm.stats.hit_rate == 0.0
+    bm.check_invariants()
+
+
+def test_lookups_that_fail_or_only_ask_are_not_counted() -> None:
+    bm = BlockManager(2, BS)
+    assert bm.can_allocate(ids(5))
+    with pytest.raises(OutOfBlocks):
+        bm.allocate("big", ids(3 * BS))
+    assert lookups(bm) == (0, 0, 0, 0)
+    bm.allocate("ok", ids(5))
+    assert lookups(bm) == (5, 0, 0, 0)
+
+
+def test_prefix_caching_off_counts_nothing() -> None:
+    bm = BlockManager(8, BS, prefix_caching=False)
+    bm.allocate("a", ids(9))
+    computed(bm, "a", ids(9))
+    bm.allocate("b", ids(9))
+    assert lookups(bm) == (0, 0, 0, 0) and bm.stats.hit_rate == 0.0
+
+
+def test_totals_survive_a_prefix_cache_reset() -> None:
+    bm = BlockManager(8, BS)
+    prompt = ids(9)
+    bm.allocate("a", prompt)
+    computed(bm, "a", prompt)
+    bm.allocate("b", prompt)
+    bm.deallocate("a")
+    bm.deallocate("b")
+    before = lookups(bm)
+    bm.reset_prefix_cache()
+    assert lookups(bm) == before == (18, 2 * BS, 0, 0)
+
+
+def test_block_states_cached_free_and_empty() -> None:
+    bm = BlockManager(8, BS)
+    prompt = ids(2 * BS + 1)  # 3 blocks, 2 of them full
+    bm.allocate("a", prompt)
+    computed(bm, "a", prompt)
+    s = bm.stats
+    assert (s.used_blocks, s.cached_blocks, s.cached_free_blocks) == (3, 2, 0)
+    bm.deallocate("a")  # the two full blocks stay reusable; the partial one is empty
+    s = bm.stats
+    assert (s.used_blocks, s.free_blocks, s.cached_blocks, s.cached_free_blocks) == (0, 8, 2, 2)
+    bm.allocate("b", prompt)  # a hit takes both back out of the free queue
+    assert (bm.stats.used_blocks, bm.stats.cached_free_blocks) == (3, 0)
+    bm.deallocate("b")
+    bm.allocate("big", ids(8 * BS, 500))  # takes every block: the cached ones are evicted
+    assert (bm.stats.cached_blocks, bm.stats.cached_free_blocks) == (0, 0)
+    bm.check_invariants()
+
+
 # ------------------------------------------------------------------ stateful property test
 
 PREFIXES = [ids(BS * 3, 0), ids(BS * 2, 0) + ids(BS, 50), ids(BS * 2, 200), []]
@@ -280,6 +407,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.tokens: dict[str, list[int]] = {}
         self.memory: dict[int, tuple[int, ...]] = {}  # slot -> prefix whose KV it holds
         self.counter = 0
+        self.lookups = [0, 0, 0, 0]  # expected query/hit tokens of new, then resumed sequences
 
     def slot(self, seq: str, pos: int) -> int:
         return self.bm.block_table(seq)[pos // BS] * BS + pos % BS
@@ -293,13 +421,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.memory[self.slot(seq, pos)] = tuple(tokens[: pos + 1])
         self.bm.mark_computed(seq, upto)
 
-    def admit(self, seq: str, tokens: list[int]) -> bool:
+    def admit(self, seq: str, tokens: list[int], resumed: bool = False) -> bool:
         if not self.bm.can_allocate(tokens):
             with pytest.raises(OutOfBlocks):
-                self.bm.allocate(seq, tokens)
+                self.bm.allocate(seq, tokens, resumed=resumed)
             return False
-        cached = self.bm.allocate(seq, tokens)
+        cached = self.bm.allocate(seq, tokens, resumed=resumed)
         assert cached % BS == 0 and cached < len(tokens)
+        self.lookups[2 * resumed] += len(tokens)
+        self.lookups[2 * resumed + 1] += cached
         self.tokens[seq] = list(tokens)
         for pos in range(cached):
             assert self.memory.get(self.slot(seq, pos)) == tuple(tokens[: pos + 1])
@@ -345,7 +475,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         tokens = self.tokens.pop(seq)
         full = self.bm.num_computed(seq) // BS
         self.bm.deallocate(seq)
-        assert self.admit(seq, tokens), "re-admitting right after a free must fit"
+        assert self.admit(seq, tokens, resumed=True), "re-admitting right after a free must fit"
         # Nothing ran in between, so every computed full block (bar the last token's) is a hit;
         # blocks other sequences computed for the same prefix may add more.
         assert self.bm.num_computed(seq) >= min(full, (len(tokens) - 1) // BS) * BS
@@ -360,6 +490,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm.check_invariants()
         stats = self.bm.stats
         assert stats.used_blocks + stats.free_blocks == stats.num_blocks
+        assert 0 <= stats.cached_free_blocks <= min(stats.free_blocks, stats.cached_blocks)
+        assert lookups(self.bm) == tuple(self.lookups)
         for seq, tokens in self.tokens.items():
             table = self.bm._tables[seq]
             assert table.token_ids == tokens

@@ -6,14 +6,18 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 from conftest import until
 from prometheus_client.parser import text_string_to_metric_families
 
+from streamer.engine.kv.block_manager import BlockManager
+from streamer.health.gauges import EngineGauges
 from streamer.observability.http import MetricsServer
 from streamer.observability.metrics import (
     EXPORTED_METRIC_NAMES,
+    KV_BLOCK_STATES,
     OUTCOMES,
     PRIORITIES,
     WorkerMetrics,
@@ -36,6 +40,12 @@ DOCUMENTED = {
     "streamer_num_requests_running",
     "streamer_num_requests_waiting",
     "streamer_kv_cache_usage_ratio",
+    "streamer_kv_cache_blocks",
+    "streamer_prefix_cache_queries_total",
+    "streamer_prefix_cache_hits_total",
+    "streamer_prefix_cache_preempted_queries_total",
+    "streamer_prefix_cache_preempted_hits_total",
+    "streamer_prefix_cache_hit_ratio",
     "streamer_consumer_lag",
     "streamer_ready",
     "streamer_device_memory_used_bytes",
@@ -100,6 +110,54 @@ def test_refresh_device_stats_never_raises() -> None:
     m.refresh_device_stats()
     m.refresh_device_stats(["cpu"])
     assert m.registry.get_sample_value("streamer_errors_total", {"kind": "device_stats"}) is None
+
+
+def test_kv_and_prefix_cache_series_exist_at_zero() -> None:
+    m = WorkerMetrics(process_metrics=False)
+    for state in KV_BLOCK_STATES:
+        assert m.registry.get_sample_value("streamer_kv_cache_blocks", {"state": state}) == 0
+    for name in ("streamer_prefix_cache_queries_total", "streamer_prefix_cache_hits_total",
+                 "streamer_prefix_cache_hit_ratio"):
+        assert m.registry.get_sample_value(name) == 0, name
+
+
+def _engine_with(blocks: BlockManager) -> SimpleNamespace:
+    """The parts of an Engine that EngineGauges.refresh reads."""
+    scheduler = SimpleNamespace(num_running=0, num_waiting_in=lambda lane: 0)
+    return SimpleNamespace(scheduler=scheduler, blocks=blocks, kv_usage=blocks.stats.usage)
+
+
+def test_engine_gauges_follow_the_block_manager() -> None:
+    """Counters advance by the block manager's new totals on every refresh, never twice."""
+    m = WorkerMetrics(process_metrics=False)
+    blocks = BlockManager(10, 4)
+    engine = _engine_with(blocks)
+    gauges = EngineGauges(engine, m, stages=1)  # type: ignore[arg-type]
+    value = m.registry.get_sample_value
+
+    gauges.refresh()
+    assert value("streamer_prefix_cache_hit_ratio") == 0  # nothing queried yet: 0, not NaN
+    shared = list(range(8))  # two full blocks
+    blocks.allocate("a", [*shared, 50, 51])
+    blocks.mark_computed("a", 10)
+    blocks.allocate("b", [*shared, 60])  # hits the two shared blocks
+    gauges.refresh()
+    gauges.refresh()  # idempotent: no new lookups, no increments
+    assert value("streamer_prefix_cache_queries_total") == 10 + 9
+    assert value("streamer_prefix_cache_hits_total") == 8
+    assert value("streamer_prefix_cache_hit_ratio") == pytest.approx(8 / 19)
+    assert value("streamer_kv_cache_blocks", {"state": "used"}) == 4  # 3 of a's + b's own tail
+    blocks.deallocate("a")
+    blocks.deallocate("b")
+    blocks.allocate("a", [*shared, 50, 51, 52], resumed=True)  # a preempted sequence resumes
+    gauges.refresh()
+    assert value("streamer_prefix_cache_queries_total") == 19  # the ratio's totals are untouched
+    assert value("streamer_prefix_cache_preempted_queries_total") == 11
+    assert value("streamer_prefix_cache_preempted_hits_total") == 8
+    states = {s: value("streamer_kv_cache_blocks", {"state": s}) for s in KV_BLOCK_STATES}
+    # a holds 3 blocks (2 hit + 1 new); a's old tail was empty and b's tail block was never full.
+    assert states == {"used": 3, "cached": 0, "empty": 7}
+    assert sum(states.values()) == blocks.num_blocks
 
 
 # --- HTTP server ------------------------------------------------------------------------------

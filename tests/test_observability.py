@@ -100,6 +100,46 @@ async def test_metrics_account_for_every_request(start_worker, client) -> None:
     assert not any(PROMPTS[0] in text for text in worker.log().splitlines())
 
 
+async def test_shared_prompt_prefix_shows_in_prefix_cache_metrics(start_worker, client) -> None:
+    """Requests that share a long prompt prefix hit the prefix cache, and /metrics says so."""
+    worker = start_worker()
+    shared = " ".join(PROMPTS[:12])  # ~180 tokens with the tiny model's tokenizer: 11 blocks
+    tails = [" and then the cat slept", " while the robot sang", " so Kafka kept it",
+             " until the stars faded"]
+    # The first request computes the shared blocks; the others are sent once it has finished,
+    # so each of them finds those blocks cached, however fast the machine is.
+    first = await (await client.submit(shared + tails[0], max_tokens=4)).result(120)
+    handles = [await client.submit(shared + tail, max_tokens=4) for tail in tails[1:]]
+    results = [first, *await asyncio.gather(*(h.result(120) for h in handles))]
+    assert all(r.outcome.type is EventType.COMPLETED for r in results)
+    prompt_tokens = sum(r.outcome.usage.prompt_tokens for r in results)
+    port = worker.metrics_port
+    assert port is not None
+
+    # The gauges are refreshed by the worker's loop: wait for them to count every prompt.
+    def counted() -> dict | None:  # type: ignore[type-arg]
+        samples = _samples(port)
+        done = (_sum(samples, "streamer_prefix_cache_queries_total") >= prompt_tokens
+                and _sum(samples, "streamer_num_requests_running") == 0
+                and _sum(samples, "streamer_kv_cache_blocks", state="used") == 0)
+        return samples if done else None
+    samples = await _wait(counted, timeout=60)
+    queries = _sum(samples, "streamer_prefix_cache_queries_total")
+    hits = _sum(samples, "streamer_prefix_cache_hits_total")
+    assert queries == prompt_tokens  # every prompt token looked up once, on admission
+    # Each later request skips at least 10 of the shared prefix's 11 full blocks of 16 tokens.
+    assert hits >= 3 * 10 * 16, (hits, queries)
+    assert hits % 16 == 0 and hits < queries  # whole blocks, never a whole prompt
+    assert _sum(samples, "streamer_prefix_cache_hit_ratio") == pytest.approx(hits / queries)
+    assert _sum(samples, "streamer_prefix_cache_preempted_queries_total") == 0
+    # Finished sequences free their blocks; the shared prefix stays cached for the next one.
+    assert _sum(samples, "streamer_kv_cache_blocks", state="cached") >= 11
+    assert _sum(samples, "streamer_kv_cache_usage_ratio") == 0
+    total = _sum(samples, "streamer_kv_cache_blocks")
+    assert total == _sum(samples, "streamer_kv_cache_blocks", state="empty") + _sum(
+        samples, "streamer_kv_cache_blocks", state="cached")
+
+
 async def test_readyz_follows_the_broker(tmp_path: Path, tiny_model: Path) -> None:
     """A worker process on a broker of its own: stop the broker, /readyz fails; restart, it heals."""
     broker = EmbeddedBroker(log_path=tmp_path / "broker.log").start()

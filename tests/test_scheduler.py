@@ -856,6 +856,34 @@ def test_out_of_blocks_preempts_the_most_recent_and_everything_finishes() -> Non
     assert sched.blocks.stats.used_blocks == 0
 
 
+def test_resumed_sequences_are_counted_apart_from_new_prompts() -> None:
+    # Two 6-token prompts fill 4 blocks; "new" is preempted when "old" needs a third block. Each
+    # prompt is queried once, on first admission; the re-admission of "new" (prompt + 3 outputs)
+    # goes to the preempted totals. Its tail block was evicted for "old", so only its first
+    # block hits: 9 queried, 4 hit, 5 recomputed.
+    sched = make_scheduler(block_size=4, num_blocks=4, max_num_seqs=2, prefix_caching=True)
+    old = Sequence("old", list(range(1, 7)), SamplingParams(max_tokens=6), arrival=0.0)
+    new = Sequence("new", list(range(101, 107)), SamplingParams(max_tokens=6), arrival=1.0)
+    sched.add(old)
+    sched.add(new)
+    preempted = []
+    for step in range(40):
+        plan = sched.schedule(0, float(step))
+        if plan is None:
+            break
+        preempted += [s.request_id for s in plan.preempted]
+        sched.complete(plan)
+        for item in plan.items:
+            if item.sample:
+                item.seq.output_ids.append(1000 + len(item.seq.output_ids))
+                if len(item.seq.output_ids) >= item.seq.params.max_tokens:
+                    sched.finish(item.seq, SeqStatus.FINISHED_LENGTH)
+    assert not sched.has_work and preempted == ["new"]
+    stats = sched.blocks.stats
+    assert (stats.query_tokens, stats.hit_tokens) == (12, 0)
+    assert (stats.preempted_query_tokens, stats.preempted_hit_tokens) == (9, 4)
+
+
 def test_decode_preemption_takes_the_lowest_lane_first() -> None:
     sched = make_scheduler(block_size=4, num_blocks=3, max_num_seqs=2, aging_s=0)
     low = make_seq("low", prompt_len=2, priority=LOW, arrival=0.0, max_tokens=20)

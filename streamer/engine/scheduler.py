@@ -274,7 +274,9 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, group: int, now: float) -> None:
         # Prefill starts after the cached prefix (prompt and, on resume, earlier outputs).
-        seq.num_computed = self.blocks.allocate(seq.request_id, all_token_ids(seq))
+        seq.num_computed = self.blocks.allocate(
+            seq.request_id, all_token_ids(seq), resumed=seq.num_preemptions > 0
+        )
         seq.group = group
         seq.status = SeqStatus.RUNNING
         if seq.started_at is None:

@@ -39,6 +39,11 @@ OUTCOMES: Final[tuple[str, ...]] = (
     "completed", "failed", "rejected", "cancelled", "expired", "dlq",
 )  # fmt: skip
 
+#: States of a KV-cache block, the label values of ``streamer_kv_cache_blocks``; the three series
+#: sum to the cache's capacity. ``cached`` blocks are free but still hold a prefix a new request can
+#: reuse (eviction takes them last, oldest first); ``empty`` ones hold nothing worth keeping.
+KV_BLOCK_STATES: Final[tuple[str, ...]] = ("used", "cached", "empty")
+
 #: Latency buckets, 5 ms .. 120 s. Dense below 1 s where interactive SLOs live; sparse above,
 #: where only "how bad" matters. TTFT, e2e and queue time are all measured from the producer's
 #: Kafka timestamp, so they can legitimately reach minutes when the lanes are backed up.
@@ -68,10 +73,10 @@ class WorkerMetrics:
     declared without the ``_total`` suffix, which prometheus-client appends on export, so the
     exported names are exactly the documented ones.
 
-    Labelled metrics whose label values are known in advance (priority, outcome) are pre-created
-    at zero. ``consumer_lag`` (topic, partition) and the device gauges are created on first use;
-    the worker should ``remove()`` a partition's lag series when the partition is revoked, so a
-    rebalance does not leave a stale value behind on the old owner.
+    Labelled metrics whose label values are known in advance (priority, outcome, block state) are
+    pre-created at zero. ``consumer_lag`` (topic, partition) and the device gauges are created on
+    first use; the worker should ``remove()`` a partition's lag series when the partition is
+    revoked, so a rebalance does not leave a stale value behind on the old owner.
     """
 
     def __init__(
@@ -160,6 +165,32 @@ class WorkerMetrics:
             ["kind"],
             registry=r,
         )
+        # Prefix cache, in tokens, with vLLM's semantics (vllm:prefix_cache_queries / _hits): a
+        # request's prompt tokens are queried once, when it is first admitted, and the hits are the
+        # leading tokens found in cached blocks. Re-admissions after preemption count apart.
+        self.prefix_cache_queries = Counter(
+            "streamer_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache, once per admitted request (tokens).",
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "streamer_prefix_cache_hits",
+            "Of the queried prompt tokens, those served from cached KV blocks: prefill skipped "
+            "them (tokens; whole blocks only).",
+            registry=r,
+        )
+        self.prefix_cache_preempted_queries = Counter(
+            "streamer_prefix_cache_preempted_queries",
+            "Tokens (prompt and output so far) looked up when a preempted sequence is resumed; "
+            "not part of the hit ratio (tokens).",
+            registry=r,
+        )
+        self.prefix_cache_preempted_hits = Counter(
+            "streamer_prefix_cache_preempted_hits",
+            "Of the tokens looked up on resume, those still cached; queried minus hits is what "
+            "preemption made the engine recompute (tokens).",
+            registry=r,
+        )
         self.stage_busy_seconds = Counter(
             "streamer_stage_busy_seconds",
             "Seconds each pipeline stage spent computing; rate() of it is the stage's busy "
@@ -182,7 +213,21 @@ class WorkerMetrics:
         )
         self.kv_cache_usage = Gauge(
             "streamer_kv_cache_usage_ratio",
-            "Fraction of the KV-cache budget in use (0..1).",
+            "Fraction of the KV-cache blocks held by sequences (0..1); free blocks that still "
+            "hold a cached prefix count as free.",
+            registry=r,
+        )
+        self.kv_cache_blocks = Gauge(
+            "streamer_kv_cache_blocks",
+            "KV-cache blocks by state: used (held by a sequence), cached (free, holding a "
+            "reusable prefix; evicted last), empty (free). The states sum to the capacity.",
+            ["state"],
+            registry=r,
+        )
+        self.prefix_cache_hit_ratio = Gauge(
+            "streamer_prefix_cache_hit_ratio",
+            "prefix_cache_hits / prefix_cache_queries over this worker's lifetime (0..1; 0 while "
+            "nothing has been queried). For a window or a fleet, divide rate()s of the counters.",
             registry=r,
         )
         self.consumer_lag = Gauge(
@@ -239,6 +284,8 @@ class WorkerMetrics:
             self.num_requests_waiting.labels(priority=priority).set(0)
             for outcome in OUTCOMES:
                 self.requests.labels(priority=priority, outcome=outcome)
+        for state in KV_BLOCK_STATES:
+            self.kv_cache_blocks.labels(state=state).set(0)
         self.ready.set(0)
         self.set_info(version=version, model=model, worker=worker)
 

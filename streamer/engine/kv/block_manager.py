@@ -23,6 +23,19 @@ Prefix caching
   were freed (a sequence's blocks are freed tail first, so a shared prefix outlives its tails).
 - Only full blocks are shared, and a sequence only writes after its cached prefix, so a shared
   block is never written: no copy-on-write is needed.
+
+Hit accounting (vLLM's semantics, in tokens)
+- Each successful `allocate` is one lookup: *queried* = every token it was given, *hit* = the
+  cached tokens it returns. Hits are whole blocks, and never the last token: a partly filled block
+  is never a hit, and a prompt repeated exactly still recomputes its last token (its whole last
+  block when the prompt fills it), so the ratio stays below 1. `can_allocate` looks, uncounted.
+- A sequence re-admitted after preemption (`allocate(..., resumed=True)`) is counted apart, in
+  the `preempted_*` totals: it mostly hits its own blocks again, which says nothing about how
+  much prompts share, so the headline ratio `hit_tokens / query_tokens` covers new requests
+  only. `preempted_query_tokens - preempted_hit_tokens` is what preemption made the engine
+  recompute.
+- With prefix caching off nothing is looked up and nothing is counted.
+- The totals only grow (`reset_prefix_cache` keeps them): read them as counters.
 """
 
 from __future__ import annotations
@@ -80,10 +93,17 @@ class KVCacheStats:
     """Blocks in the free queue (including cached ones that can still be reused)."""
     cached_blocks: int
     """Blocks registered in the prefix cache (used or free)."""
+    cached_free_blocks: int
+    """Free blocks that still hold a cached prefix: a hit reuses them, eviction takes them last.
+    `free_blocks - cached_free_blocks` are free and empty."""
     query_tokens: int
-    """Prompt tokens looked up in the prefix cache by `allocate`, since start."""
+    """Tokens looked up by `allocate` for sequences admitted for the first time, since start."""
     hit_tokens: int
     """Of those, tokens found cached (prefill skipped them)."""
+    preempted_query_tokens: int
+    """Tokens looked up by `allocate` for sequences resumed after preemption, since start."""
+    preempted_hit_tokens: int
+    """Of those, tokens found cached (the rest was recomputed)."""
 
     @property
     def usage(self) -> float:
@@ -91,6 +111,7 @@ class KVCacheStats:
 
     @property
     def hit_rate(self) -> float:
+        """`hit_tokens / query_tokens` (new sequences only); 0.0 before the first lookup."""
         return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
 
 
@@ -122,8 +143,12 @@ class BlockManager:
         # that computed the same prefix concurrently hold copies until all but one are freed.
         self._cache: dict[int, dict[int, None]] = {}
         self._tables: dict[str, _Table] = {}
-        self._query_tokens = 0
-        self._hit_tokens = 0
+        # Kept up to date by every change of a block's hash or refcount, so `stats` is O(1).
+        self._num_cached = 0
+        self._num_cached_free = 0
+        # Hit accounting (module docstring): [query, hit] tokens of new and of resumed sequences.
+        self._lookups = [0, 0]
+        self._preempted_lookups = [0, 0]
 
     # ------------------------------------------------------------------ queries
 
@@ -153,9 +178,12 @@ class BlockManager:
             num_blocks=self.num_blocks,
             used_blocks=self.num_blocks - free,
             free_blocks=free,
-            cached_blocks=sum(len(holders) for holders in self._cache.values()),
-            query_tokens=self._query_tokens,
-            hit_tokens=self._hit_tokens,
+            cached_blocks=self._num_cached,
+            cached_free_blocks=self._num_cached_free,
+            query_tokens=self._lookups[0],
+            hit_tokens=self._lookups[1],
+            preempted_query_tokens=self._preempted_lookups[0],
+            preempted_hit_tokens=self._preempted_lookups[1],
         )
 
     # ------------------------------------------------------------------ allocation
@@ -169,11 +197,13 @@ class BlockManager:
         idle_hits = sum(1 for b in hits if self._blocks[b].ref_count == 0)
         return self.blocks_for(num_tokens) - len(hits) <= len(self._free) - idle_hits
 
-    def allocate(self, seq_id: str, token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: str, token_ids: Sequence[int], *, resumed: bool = False) -> int:
         """Give `seq_id` slots for `token_ids`; return how many leading tokens are cached.
 
         The cached count is a multiple of `block_size` and below `len(token_ids)`: prefill runs
-        from there (the positions before it already hold the right keys and values)."""
+        from there (the positions before it already hold the right keys and values).
+        `resumed`: the sequence was preempted before, so the lookup counts in the `preempted_*`
+        totals rather than the hit ratio's."""
         if seq_id in self._tables:
             raise ValueError(f"sequence {seq_id!r} already has blocks")
         if not token_ids:
@@ -191,8 +221,10 @@ class BlockManager:
         ]
         table.num_computed = len(hits) * self.block_size
         self._tables[seq_id] = table
-        self._query_tokens += len(token_ids)
-        self._hit_tokens += table.num_computed
+        if self.prefix_caching:
+            lookups = self._preempted_lookups if resumed else self._lookups
+            lookups[0] += len(token_ids)
+            lookups[1] += table.num_computed
         return table.num_computed
 
     def can_append(self, seq_id: str, num_new_tokens: int = 1) -> bool:
@@ -229,6 +261,7 @@ class BlockManager:
                 block_id = table.blocks[index]
                 self._blocks[block_id].hash = digest
                 self._cache.setdefault(digest, {})[block_id] = None
+                self._num_cached += 1
 
     def deallocate(self, seq_id: str) -> None:
         """Release a finished or preempted sequence's blocks (cached ones stay reusable)."""
@@ -238,8 +271,10 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None
-                if block.hash is not None and len(self._cache[block.hash]) > 1:
-                    self._forget(block)  # another block holds this prefix: keep only that one
+                if block.hash is not None:
+                    self._num_cached_free += 1
+                    if len(self._cache[block.hash]) > 1:
+                        self._forget(block)  # another block holds this prefix: keep only that one
                 if block.hash is None:  # nothing worth keeping: hand it out first
                     self._free.move_to_end(block_id, last=False)
 
@@ -279,6 +314,8 @@ class BlockManager:
         block = self._blocks[block_id]
         if block.ref_count == 0:
             del self._free[block_id]
+            if block.hash is not None:
+                self._num_cached_free -= 1
         block.ref_count += 1
 
     def _take_free(self) -> int:
@@ -301,6 +338,9 @@ class BlockManager:
         if not holders:
             del self._cache[block.hash]
         block.hash = None
+        self._num_cached -= 1
+        if block.ref_count == 0:
+            self._num_cached_free -= 1
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the bookkeeping is inconsistent (for tests and debugging)."""
@@ -339,3 +379,14 @@ class BlockManager:
         for digest, holders in self._cache.items():
             if not holders or any(self._blocks[b].hash != digest for b in holders):
                 raise AssertionError(f"cache entry {digest:x} has a stale or empty holder set")
+        cached = [b for b in self._blocks if b.hash is not None]
+        cached_free = sum(1 for b in cached if b.ref_count == 0)
+        if (self._num_cached, self._num_cached_free) != (len(cached), cached_free):
+            raise AssertionError(
+                f"counted {self._num_cached} cached / {self._num_cached_free} cached-free blocks, "
+                f"found {len(cached)} / {cached_free}"
+            )
+        if not 0 <= self._lookups[1] <= self._lookups[0]:
+            raise AssertionError(f"hit tokens exceed query tokens: {self._lookups}")
+        if not 0 <= self._preempted_lookups[1] <= self._preempted_lookups[0]:
+            raise AssertionError(f"preempted hits exceed queries: {self._preempted_lookups}")

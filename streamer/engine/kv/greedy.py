@@ -94,7 +94,7 @@ def generate_greedy(
                     raise RuntimeError(f"{seq.seq_id} needs more KV blocks than exist")
                 break
             waiting.popleft()
-            seq.num_computed = manager.allocate(seq.seq_id, seq.tokens)
+            seq.num_computed = manager.allocate(seq.seq_id, seq.tokens, resumed=seq.preemptions > 0)
             running.append(seq)
             n = min(len(seq.tokens) - seq.num_computed, budget)
             plan.append((seq, n))
