@@ -47,7 +47,8 @@ class Worker:
         self.metrics = WorkerMetrics(model=config.engine.model, worker=self.name)
         self.engine = Engine(config.engine)
         self.offsets = OffsetTracker()
-        self.publisher = Publisher(config.kafka, config.prefix, self.name)
+        self.publisher = Publisher(config.kafka, config.prefix, self.name,
+                                   on_record=self._count_output)
         self.outcomes = Outcomes(
             self.publisher, self.metrics, self.name, lambda rid, f: self.intake.finished(rid, f),
             chunk_s=config.chunk_ms / 1000, chunk_tokens=config.chunk_tokens,
@@ -170,6 +171,10 @@ class Worker:
             hurry.cancel()
 
     # ------------------------------------------------------------------ wiring
+
+    def _count_output(self, kind: str, size: int) -> None:
+        self.metrics.output_records.labels(kind=kind).inc()
+        self.metrics.output_bytes.labels(kind=kind).inc(size)
 
     def _on_cancel(self, request_id: str) -> None:
         if self.engine.abort(request_id, "cancelled"):

@@ -80,6 +80,13 @@ async def test_metrics_account_for_every_request(start_worker, client) -> None:
         assert _sum(samples, "streamer_time_to_first_token_seconds_count", priority=lane) == count
         assert _sum(samples, "streamer_e2e_request_latency_seconds_count", priority=lane) == count
         assert _sum(samples, "streamer_request_queue_time_seconds_count", priority=lane) == count
+    # Records produced: queued, started and completed per request, one rejected; one chunk
+    # record per chunk the client received; one DLQ copy.
+    chunks = sum(len(h._attempts[r.attempt].chunks) for h, r in zip(handles, results, strict=True))
+    assert _sum(samples, "streamer_output_records_total", kind="events") == 3 * 10 + 1
+    assert _sum(samples, "streamer_output_records_total", kind="tokens") == chunks
+    assert _sum(samples, "streamer_output_records_total", kind="dlq") == 1
+    assert _sum(samples, "streamer_output_bytes_total", kind="tokens") > 0
     assert _sum(samples, "streamer_batch_size_count") > 0
     assert _sum(samples, "streamer_stage_busy_seconds_total", stage="0") > 0
     assert _sum(samples, "streamer_ready") == 1

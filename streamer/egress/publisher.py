@@ -11,8 +11,7 @@ be sent (larger than `max_bytes`, or refused by the broker as too large) fails i
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,8 +71,11 @@ class Publisher:
         worker: str,
         *,
         max_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        on_record: Callable[[str, int], None] | None = None,
     ) -> None:
         self.worker = worker
+        self.on_record = on_record
+        """Called with (kind: tokens | events | dlq, bytes) for each message handed over."""
         self.max_bytes = max_bytes
         self.tokens_topic = protocol.tokens_topic(prefix)
         self.events_topic = protocol.events_topic(prefix)
@@ -92,9 +94,8 @@ class Publisher:
         self._outstanding = 0
         self._retries: set[asyncio.Task[None]] = set()
         self.retried = 0
-        # Messages and bytes handed to the producer, per topic (a retry is not counted again).
-        self.records: Counter[str] = Counter()
-        self.bytes: Counter[str] = Counter()
+        self._kinds = {self.tokens_topic: "tokens", self.events_topic: "events",
+                       self.dlq_topic: "dlq"}
 
     async def start(self) -> None:
         if not self._started:
@@ -150,8 +151,8 @@ class Publisher:
             )
             return delivery.done
         self._outstanding += 1
-        self.records[topic] += 1
-        self.bytes[topic] += size
+        if self.on_record is not None:  # counted once, however often it is retried
+            self.on_record(self._kinds.get(topic, topic), size)
         delivery.done.add_done_callback(self._settled)
         await self._attempt(delivery)
         return delivery.done

@@ -39,6 +39,8 @@ OUTCOMES: Final[tuple[str, ...]] = (
     "completed", "failed", "rejected", "cancelled", "expired", "dlq",
 )  # fmt: skip
 
+#: Label values of ``streamer_output_records`` / ``streamer_output_bytes``.
+OUTPUT_KINDS = ("tokens", "events", "dlq")
 #: States of a KV-cache block, the label values of ``streamer_kv_cache_blocks``; the three series
 #: sum to the cache's capacity. ``cached`` blocks are free but still hold a prefix a new request can
 #: reuse (eviction takes them last, oldest first); ``empty`` ones hold nothing worth keeping.
@@ -147,6 +149,19 @@ class WorkerMetrics:
         self.generation_tokens = Counter(
             "streamer_generation_tokens",
             "Output tokens generated (published to the tokens topic).",
+            registry=r,
+        )
+        self.output_records = Counter(
+            "streamer_output_records",
+            "Messages produced, by kind (tokens, events, dlq): the broker's cost is per record, "
+            "so records / generated tokens is the Kafka cost of a token.",
+            ["kind"],
+            registry=r,
+        )
+        self.output_bytes = Counter(
+            "streamer_output_bytes",
+            "Bytes produced (value, key and headers), by kind (tokens, events, dlq).",
+            ["kind"],
             registry=r,
         )
         self.prompt_tokens = Counter(
@@ -286,6 +301,9 @@ class WorkerMetrics:
                 self.requests.labels(priority=priority, outcome=outcome)
         for state in KV_BLOCK_STATES:
             self.kv_cache_blocks.labels(state=state).set(0)
+        for kind in OUTPUT_KINDS:
+            self.output_records.labels(kind=kind)
+            self.output_bytes.labels(kind=kind)
         self.ready.set(0)
         self.set_info(version=version, model=model, worker=worker)
 
