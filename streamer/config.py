@@ -204,6 +204,13 @@ class WorkerConfig:
     even when the broker is gone."""
     max_outstanding_outputs: int = 20_000
     """Unacknowledged output messages at which intake pauses (resumes below half)."""
+    fetch_max_wait_ms: int = 20
+    """How long the broker may hold an empty fetch of request records: the idle time to first
+    token includes up to this (Kafka's default 500 ms would add half a second)."""
+    max_poll_records: int = 64
+    """Request records taken per fetch; the lane bound is lane_capacity plus one fetch."""
+    commit_interval_s: float = 0.5
+    """How often finished offsets are committed (a crash re-serves at most this much work)."""
     chunk_ms: float = 50.0
     """Token chunks of one request are sent at most this often: the first token at once, then
     what accumulated when the window has passed (0: every engine output as its own chunk)."""
@@ -235,11 +242,13 @@ class WorkerConfig:
             errors.append(f"prefix={self.prefix!r} must be a non-empty topic-name prefix")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             errors.append(f"metrics_port={self.metrics_port} is not a port")
-        errors += _below(self, 1, "lane_capacity", "max_outstanding_outputs", "chunk_tokens")
+        errors += _below(self, 1, "lane_capacity", "max_outstanding_outputs", "chunk_tokens",
+                         "max_poll_records")
         errors += _below(self, 0, "cancel_window_s", "shutdown_grace_s", "revoke_wait_s",
-                         "chunk_ms")
+                         "chunk_ms", "fetch_max_wait_ms")
+
         errors += [f"{name}={getattr(self, name)} must be > 0"
-                   for name in ("shutdown_timeout_s", "stall_timeout_s")
+                   for name in ("shutdown_timeout_s", "stall_timeout_s", "commit_interval_s")
                    if getattr(self, name) <= 0]
         if errors:
             raise ValueError("; ".join(errors))

@@ -59,7 +59,8 @@ class Worker:
         self.intake = Intake(
             config, self.name, self.engine, self.outcomes, self.offsets, self.control
         )
-        self.committer = Committer(lambda: self.intake.consumer, self.offsets, self.metrics)
+        self.committer = Committer(lambda: self.intake.consumer, self.offsets, self.metrics,
+                                   interval_s=config.commit_interval_s)
         self.intake.before_revoke = self.committer.commit
         self.gauges = EngineGauges(self.engine, self.metrics, len(config.engine.devices))
         self.health = Health(

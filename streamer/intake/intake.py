@@ -81,8 +81,8 @@ class Intake:
             client_id=self.name,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_poll_records=64,
-            fetch_max_wait_ms=20,  # latency: the broker otherwise holds an empty fetch for 500 ms
+            max_poll_records=cfg.max_poll_records,
+            fetch_max_wait_ms=cfg.fetch_max_wait_ms,
             session_timeout_ms=10_000,
             heartbeat_interval_ms=1_000,
         )
