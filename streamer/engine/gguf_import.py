@@ -48,8 +48,9 @@ def read_record(folder: str | Path) -> dict[str, Any] | None:
 
 def _load_config(src: Path) -> Any:
     from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from streamer.engine.model import SUPPORTED_MODEL_TYPES
+    from streamer.engine.model import refusal
 
     try:
         config = AutoConfig.from_pretrained(str(src.parent), gguf_file=src.name)
@@ -57,31 +58,21 @@ def _load_config(src: Path) -> Any:
         # e.g. "GGUF model with architecture notanarch is not supported yet."
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         raise GGUFImportError(f"unsupported architecture in {src}: {reason}") from exc
-    model_type = getattr(config, "model_type", "?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise GGUFImportError(
-            f"unsupported architecture {model_type!r} in {src}; the engine runs "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    reason = refusal(config, MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None))
+    if reason is not None:
+        raise GGUFImportError(f"unsupported architecture in {src}: {reason}")
     return config
-
-
-def _dequantize_kwargs() -> dict[str, Any]:
-    """Ask transformers for plain dense weights (newer releases can keep GGUF blocks packed)."""
-    try:
-        from transformers.utils.quantization_config import GgufConfig
-    except ImportError:  # older transformers always dequantizes
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def _load_model(src: Path, config: Any, dtype: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from streamer.engine.model import dequantize_kwargs
+
     model = AutoModelForCausalLM.from_pretrained(
         str(src.parent), gguf_file=src.name, config=config, dtype=getattr(torch, dtype),
-        **_dequantize_kwargs(),
+        **dequantize_kwargs(),
     )
     names = {type(m).__name__ for m in model.modules()}
     packed = sorted(n for n in names if "gguf" in n.lower())

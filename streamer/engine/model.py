@@ -87,6 +87,16 @@ def pretrained_args(model: str) -> tuple[str, dict[str, Any]]:
     return str(path.resolve().parent), {"gguf_file": path.name}
 
 
+def dequantize_kwargs() -> dict[str, Any]:
+    """Ask transformers for plain dense weights from a GGUF file (with the `kernels` package
+    installed, newer releases would otherwise keep GGUF blocks packed)."""
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:  # older transformers always dequantizes
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     name, kwargs = pretrained_args(model)
     return AutoTokenizer.from_pretrained(name, **kwargs)
@@ -138,7 +148,8 @@ def load_model(model: str, dtype: torch.dtype) -> tuple[nn.Module, ModelShape]:
     if reason is not None:
         raise ValueError(f"cannot serve {model!r}: {reason}")
     name, kwargs = pretrained_args(model)
-    # A GGUF file is dequantized on load (to `dtype`): the engine runs plain float weights.
+    if kwargs:  # a GGUF file, dequantized on load (to `dtype`): the engine runs float weights
+        kwargs.update(dequantize_kwargs())
     from streamer.engine.attention import register_paged_attention
 
     hf = AutoModelForCausalLM.from_pretrained(
