@@ -51,7 +51,7 @@ async def test_metrics_account_for_every_request(start_worker, client) -> None:
     worker = start_worker()
     handles = [await client.submit(p, priority=("urgent", "low")[i % 2], max_tokens=5 + i)
                for i, p in enumerate(PROMPTS[:10])]
-    rejected = client.follow("rej")
+    rejected = await client.follow("rej")
     await client.produce_raw(b'{"id": "rej", "prompt": "x", "top_p": 7}', priority="high")
     await client.produce_raw(b"\x00 garbage", priority="high")
     results = await asyncio.gather(*(h.result(120) for h in handles))

@@ -97,7 +97,7 @@ async def test_two_workers_survive_every_poison_pill(
 ) -> None:
     workers = [start_worker(model=strict_model), start_worker(model=strict_model)]
     normal = protocol.request_topic(prefix, "normal")
-    follow = {rid: client.follow(rid) for rid in
+    follow = {rid: await client.follow(rid) for rid in
               ("chat-bad", "chat-ok", "big-header", "long-trace", "after-0", "after-1")}
 
     # 1. A chat request the model's template refuses (roles do not alternate).

@@ -72,7 +72,7 @@ async def test_messages_use_the_chat_template(start_worker, client, tiny_model) 
 
 async def test_dead_letters_and_rejections(start_worker, client, kafka_settings, prefix) -> None:
     start_worker()
-    follow = {rid: client.follow(rid) for rid in
+    follow = {rid: await client.follow(rid) for rid in
               ("bad-type", "too-many", "both", "ctx", "ok-after", "dup")}
     garbage = [b"\xff\xfe not json", b"[1,2,3]", b'{"prompt": "no id"}', b'{"id": ""}',
                b"[" * 50_000 + b"]" * 50_000, json.dumps({"id": "x" * 129}).encode()]
