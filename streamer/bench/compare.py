@@ -201,6 +201,8 @@ def compare_markdown(data: dict[str, Any], ordered: list[SystemResult]) -> str:
         "",
         report.hf_cache_note(data),
         "",
+        report.ceiling_note(data),
+        "",
         "## Useful tokens/s",
         "",
         report.systems_table(ordered),

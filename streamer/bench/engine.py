@@ -81,6 +81,8 @@ def engine_markdown(data: dict[str, Any], systems: list[SystemResult]) -> str:
         report.ratios_table(data["ratios"]),
         "",
         report.hf_cache_note(data),
+        "",
+        report.ceiling_note(data),
     ]
     parts += report.scenario_sections(data, engine.get("details", {}))
     if data.get("engine_latency"):

@@ -256,3 +256,20 @@ def hf_cache_note(data: Mapping[str, Any]) -> str:
                  f"{resolved['max_batch_tokens']}, attention "
                  f"`{resolved['attn_implementation']}`")
     return text + "."
+
+
+def ceiling_note(data: Mapping[str, Any]) -> str:
+    """The ceiling's trials at or below the engine's `max_num_seqs`, next to its best overall:
+    the engine never runs a step of more sequences than that, the ceiling's best may."""
+    ceiling = data["systems"].get("ceiling", {})
+    engine = data["systems"].get("engine", {})
+    trials = ceiling.get("details", {}).get("trials") or []
+    limit = data["config"]["max_num_seqs"]
+    within = [t for t in trials if t["batch_size"] <= limit]
+    if not trials or not within or not engine.get("useful_tokens_per_s"):
+        return ""
+    best = max(within, key=lambda t: t["tokens_per_s"])
+    every = ", ".join(f"batch {t['batch_size']}: {t['tokens_per_s']:.1f}" for t in trials)
+    return (f"Ceiling trials (tokens/s): {every}. At the engine's max_num_seqs ({limit}) the "
+            f"ceiling is {best['tokens_per_s']:.1f} tokens/s (batch {best['batch_size']}); "
+            f"engine / that = {engine['useful_tokens_per_s'] / best['tokens_per_s']:.2f}.")
