@@ -132,8 +132,11 @@ class TinyModelSpec:
 
 PRESETS: dict[str, TinyModelSpec] = {
     "tiny": TinyModelSpec(),
+    # The bench model has a real model's context (8k), so the bench runs it at default settings
+    # like a real checkpoint: max_model_len = the model's context.
     "bench": TinyModelSpec(num_layers=8, hidden_size=512, num_heads=8, num_kv_heads=4,
-                           intermediate_size=1408, vocab_size=2048),
+                           intermediate_size=1408, vocab_size=2048,
+                           max_position_embeddings=8192),
 }
 
 

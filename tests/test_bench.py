@@ -260,9 +260,118 @@ def test_ratios_and_tables() -> None:
     assert measured == {"fleet/static": pytest.approx(3.0), "fleet/hf_cb": None}
     assert ratio(fast, None) is None
     table = report.ratios_table(measured)
-    assert "| fleet/static | 3.00 | >= 1.5 | met |" in table
+    assert "| fleet/static | 3.00 | >= 2 | met |" in table
     assert "| fleet/hf_cb | - |" in table
     assert "no CPU kernel" in report.systems_table([fast, slow, broken])
+
+
+def test_targets_are_evaluated_against_their_bounds() -> None:
+    from streamer.bench.targets import evaluate, scenario_figures
+
+    measured = {"fleet/static": 2.4, "fleet/hf_cb": 1.1, "engine/ceiling": None,
+                **scenario_figures({"prefix": {"ttft_ratio": 0.25}}, {"tokens_per_gib": 23_296})}
+    rows = {r["key"]: r for r in evaluate(measured)}
+    assert list(rows) == ["fleet/static", "fleet/hf_cb", "engine/ceiling", "kv_tokens_per_gib",
+                          "prefix_ttft_ratio"]  # the table's order, only what was measured
+    assert [rows[k]["met"] for k in rows] == [True, False, None, True, True]
+    assert rows["prefix_ttft_ratio"]["target"] == "<= 1/3"
+    assert rows["kv_tokens_per_gib"]["target"] == ">= 20,000"
+    table = report.targets_table(list(rows.values()))
+    assert "| 2.40 | >= 2 | met | #13 |" in table
+    assert "| 1.10 | >= 1.5 | **missed** |" in table
+    assert "| - (not measured) | >= 0.85 | - |" in table
+    assert "| 23,296 | >= 20,000 | met |" in table
+    assert [r["key"] for r in evaluate(measured, ["prefix_ttft_ratio"])] == ["prefix_ttft_ratio"]
+
+
+def test_prefix_requests_share_exactly_the_system_prompt(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from streamer.bench.prefix import PrefixSpec, build_prefix_requests, summarize_prefix
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    spec = PrefixSpec(pairs=3, prefix_tokens=64, suffix_range=(5, 9), seed=2)
+    requests = build_prefix_requests(spec, tokenizer)
+    assert requests == build_prefix_requests(spec, tokenizer)  # seeded
+    assert [r.kind for r in requests] == ["primer"] + ["uncached", "cached"] * 3
+    shared = requests[0].prompt_ids[:64]
+    for uncached, cached in zip(requests[1::2], requests[2::2], strict=True):
+        assert cached.prompt_ids[:64] == shared and uncached.prompt_ids[:64] != shared
+        assert uncached.prompt_ids[64:] == cached.prompt_ids[64:]  # the same question
+        assert 5 <= len(cached.prompt_ids) - 64 <= 9
+    rows = [{"kind": "primer", "prompt_tokens": 70, "ttft_ms": 90.0, "e2e_ms": 95.0,
+             "cached_tokens": 0},
+            *({"kind": k, "prompt_tokens": 70, "ttft_ms": ms, "e2e_ms": ms + 5,
+               "cached_tokens": hit}
+              for k, ms, hit in (("uncached", 30.0, 0), ("cached", 9.0, 64),
+                                 ("uncached", 40.0, 0), ("cached", 11.0, 64)))]
+    summary = summarize_prefix(rows, spec)
+    assert summary["uncached"]["ttft_ms"]["p50"] == pytest.approx(35.0)
+    assert summary["cached"]["mean_cached_tokens"] == 64
+    assert summary["ttft_ratio"] == pytest.approx(10.0 / 35.0)
+    assert "**0.286**" in report.prefix_table(summary)
+
+
+def test_bench_engine_scenarios_on_the_tiny_model(tiny_model: Path, tmp_path: Path) -> None:
+    """Profile, prefix, KV capacity, targets and hf_cb's cache record, without a broker."""
+    from transformers import AttentionInterface
+
+    from streamer.engine.attention import ATTENTION_NAME, paged_attention_forward
+
+    out = tmp_path / "engine"
+    code = main(["bench", "engine", "--quick", "--model", str(tiny_model), "--requests", "4",
+                 "--systems", "engine,hf_cb,profile,prefix", "--prefix-pairs", "2",
+                 "--prefix-tokens", "32", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "engine.json").read_text())
+    capacity = data["kv_capacity"]
+    assert capacity["bytes_per_token"] == 4 * 2 * 2 * 32 * 4  # layers x K,V x heads x dim x fp32
+    assert capacity["tokens_per_gib"] == (1 << 30) // (16 * capacity["bytes_per_token"]) * 16
+    scenarios = data["scenarios"]
+    assert scenarios["kv_cache"]["tokens"] == scenarios["kv_cache"]["num_blocks"] * 16
+
+    profile = scenarios["profile"]
+    assert profile["steps"] > 0 and len(profile["per_step"]) == profile["steps"]
+    assert set(profile["seconds"]) == {"attention", "attention_proj", "mlp", "norms",
+                                       "embed_lm_head", "sampling", "stage_other",
+                                       "engine_host", "output_processing", "loop_other"}
+    for part in ("attention", "mlp", "norms", "embed_lm_head", "sampling", "engine_host"):
+        assert profile["seconds"][part] > 0, part
+    assert sum(s["tokens"] for s in profile["per_step"]) == (
+        profile["prefill_tokens"] + profile["decode_tokens"])
+    # Each request's first token is sampled by its prompt's step; the rest by decode steps.
+    assert profile["decode_tokens"] == data["workload_totals"]["requested_tokens"] - 4
+    # The timers are gone afterwards: the registered attention is the engine's own again.
+    assert AttentionInterface()[ATTENTION_NAME] is paged_attention_forward
+
+    prefix = scenarios["prefix"]
+    assert prefix["cached"]["requests"] == prefix["uncached"]["requests"] == 2
+    assert prefix["cached"]["mean_cached_tokens"] == 32  # two whole blocks of the prompt
+    assert prefix["uncached"]["mean_cached_tokens"] == 0
+    assert prefix["ttft_ratio"] > 0
+    assert all(r["ttft_ms"] > 0 for r in prefix["requests"])
+
+    targets = {t["key"]: t for t in data["targets"]}
+    assert set(targets) == {"engine/ceiling", "kv_tokens_per_gib", "prefix_ttft_ratio",
+                            "engine/static", "engine/hf_cb"}
+    assert targets["kv_tokens_per_gib"]["measured"] == capacity["tokens_per_gib"]
+    assert targets["prefix_ttft_ratio"]["measured"] == prefix["ttft_ratio"]
+    assert targets["engine/ceiling"]["measured"] is None  # ceiling not selected
+
+    hf = data["systems"]["hf_cb"]
+    given = hf["details"]["cache"]["given"]
+    assert given["kv_cache_bytes"] == 1 << 30  # the engine's CPU default budget
+    assert given["num_blocks"] * given["bytes_per_page_block"] <= 1 << 30
+    if hf["error"] is None:  # transformers' CPU support varies; a failure is recorded instead
+        assert hf["details"]["cache"]["resolved"]["num_blocks"] == given["num_blocks"]
+
+    markdown = (out / "engine.md").read_text()
+    for heading in ("## Targets", "## KV capacity", "## Shared system prompt",
+                    "## Where the engine's time goes"):
+        assert heading in markdown
+    assert set(data["plots"]) == {"engine-steps.png", "engine-prefix.png"}
+    for name in data["plots"]:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
 
 
 def test_run_rounds_keeps_each_systems_best_round() -> None:
@@ -350,6 +459,11 @@ def test_bench_compare_quick(tiny_model: Path, tmp_path: Path) -> None:
     markdown = (out / "compare.md").read_text()
     assert "fleet/static" in markdown and "Where the engine's time goes" in markdown
     assert set(data["plots"]) == {"compare-throughput.png", "compare-latency-cdf.png",
-                                  "compare-lane-ttft.png", "compare-sweep.png"}
+                                  "compare-lane-ttft.png", "compare-sweep.png",
+                                  "compare-steps.png", "compare-prefix.png"}
+    assert [t["key"] for t in data["targets"]][:5] == [
+        "fleet/static", "fleet/hf_cb", "engine/ceiling", "kv_tokens_per_gib", "prefix_ttft_ratio"]
+    assert all(t["measured"] is not None for t in data["targets"] if t["key"] != "fleet/hf_cb")
+    assert "## Targets" in markdown
     for name in data["plots"]:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC

@@ -13,15 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from streamer.bench.stats import parse_mix, parse_slo
+from streamer.config import EngineConfig
 
 DEFAULT_OUT = Path("bench-results")
 DEFAULT_SLO = "ttft=500ms,tpot=50ms"
 
 # --quick: a smoke run on the tiny preset that finishes in well under a minute.
 QUICK = {"preset": "tiny", "requests": 8, "prompt_range": (8, 32), "output_range": (4, 16),
-         "ceiling_batches": (4, 8), "sweep_fractions": (0.5, 1.0)}
+         "ceiling_batches": (4, 8), "sweep_fractions": (0.5, 1.0), "prefix_pairs": 2}
 FULL = {"preset": "bench", "requests": 96, "prompt_range": (16, 128), "output_range": (16, 160),
-        "ceiling_batches": (16, 32, 64), "sweep_fractions": (0.25, 0.5, 0.75, 1.0, 1.5)}
+        "ceiling_batches": (16, 32, 64), "sweep_fractions": (0.25, 0.5, 0.75, 1.0, 1.5),
+        "prefix_pairs": 8}
+# The engine's own defaults (EngineConfig): a bench with no flags runs what a user gets.
+_ENGINE = EngineConfig()
 
 
 def add_bench_parser(sub: Any) -> None:
@@ -80,9 +84,13 @@ def _add_engine_options(parser: argparse.ArgumentParser, mix_default: str) -> No
                         help="offline model preset when --model is not given (default bench)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: tiny preset, 8 short requests, small ceiling batches")
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--kv-cache-bytes", type=int)
+    parser.add_argument("--max-num-seqs", type=int, default=_ENGINE.max_num_seqs,
+                        help=f"engine default: {_ENGINE.max_num_seqs}")
+    parser.add_argument("--max-num-batched-tokens", type=int,
+                        default=_ENGINE.max_num_batched_tokens,
+                        help=f"engine default: {_ENGINE.max_num_batched_tokens}")
+    parser.add_argument("--kv-cache-bytes", type=int, help="default: the engine's (1 GiB on "
+                        "CPU); transformers' continuous batching gets the same bytes")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="default: the model's own context length")
     parser.add_argument("--static-batch", type=int, default=32)
@@ -91,8 +99,15 @@ def _add_engine_options(parser: argparse.ArgumentParser, mix_default: str) -> No
                         "16,32,64)")
     parser.add_argument("--threads", type=int, help="torch threads here and in the worker "
                         "(default: torch's own choice)")
-    parser.add_argument("--systems", type=_names, help="only these systems, e.g. "
-                        "ceiling,engine (default: all)")
+    parser.add_argument("--systems", type=_names, help="only these systems and scenarios, "
+                        "e.g. ceiling,engine,prefix (systems: ceiling, engine, fleet, static, "
+                        "hf_cb; scenarios: profile, prefix; default: all)")
+    parser.add_argument("--prefix-pairs", type=int, help="shared-system-prompt scenario: "
+                        "uncached/cached request pairs (default 8)")
+    parser.add_argument("--prefix-tokens", type=int, default=256,
+                        help="length of the shared system prompt (default 256)")
+    parser.add_argument("--prefix-suffix", type=_range, default=(16, 32),
+                        help="tokens of each request's own question LO:HI (default 16:32)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every system, order "
                         "reversed on odd rounds; the best round of each counts (default 1)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -136,11 +151,14 @@ def _pair(text: str) -> tuple[int, int]:
 
 def _names(text: str) -> tuple[str, ...]:
     from streamer.bench.results import LABELS
+    from streamer.bench.scenarios import SCENARIOS
 
+    known = (*LABELS, *SCENARIOS)
     names = tuple(x.strip() for x in text.split(",") if x.strip())
-    unknown = sorted(set(names) - set(LABELS))
+    unknown = sorted(set(names) - set(known))
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: systems are {', '.join(LABELS)}")
+        raise argparse.ArgumentTypeError(f"{text!r}: systems and scenarios are "
+                                         f"{', '.join(known)}")
     return names
 
 
@@ -165,6 +183,7 @@ def _workload_spec(args: argparse.Namespace, defaults: dict[str, Any], *,
 
 
 def _options(args: argparse.Namespace) -> Any:
+    from streamer.bench.prefix import PrefixSpec
     from streamer.bench.suite import BenchOptions, apply_threads, resolve_model
 
     defaults = QUICK if args.quick else FULL
@@ -177,7 +196,10 @@ def _options(args: argparse.Namespace) -> Any:
         static_batch=args.static_batch, static_window_s=args.static_window_ms / 1000,
         ceiling_batches=args.ceiling_batches or defaults["ceiling_batches"],
         threads=args.threads, repeat=args.repeat, systems=args.systems,
-        workload=_workload_spec(args, defaults))
+        workload=_workload_spec(args, defaults),
+        prefix=PrefixSpec(pairs=args.prefix_pairs or defaults["prefix_pairs"],
+                          prefix_tokens=args.prefix_tokens, suffix_range=args.prefix_suffix,
+                          seed=args.seed))
 
 
 # ----------------------------------------------------------------------------- commands

@@ -2,8 +2,10 @@
 
 On one model and one seeded workload: (a) the raw forward-loop ceiling, (b) the engine
 in-process, (c) one worker behind the embedded broker, driven by `bench serve`'s load generator,
-(d) static micro-batching, (e) transformers' continuous batching, and optionally (f) a rate sweep
-of the fleet. Writes compare.json, compare.md and PNG plots to the output folder.
+(d) static micro-batching, (e) transformers' continuous batching; then the engine scenarios
+(a profiled pass: attention vs MLP vs the rest, tokens per step; TTFT with a cached shared system
+prompt), KV capacity, every target of the issues next to its measured figure, and optionally (f)
+a rate sweep of the fleet. Writes compare.json, compare.md and PNG plots to the output folder.
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ from streamer.bench import plots, probe, report
 from streamer.bench.engine import inprocess_runners
 from streamer.bench.local_fleet import LocalFleet, local_fleet, worker_args
 from streamer.bench.results import LABELS, SystemResult, machine_info
+from streamer.bench.scenarios import scenario_data
 from streamer.bench.serve import run_load
 from streamer.bench.stats import aggregate, per_lane
 from streamer.bench.suite import BenchOptions, load_workload, run_rounds, worker_env
-from streamer.bench.workload import Workload
+from streamer.bench.workload import Workload, build_workload, warm_up_requests
 
 COMPARE_RATIOS = ("fleet/static", "fleet/hf_cb", "fleet/engine", "engine/ceiling",
                   "engine/static", "engine/hf_cb")
 # The fleet right after the engine: the two systems compared most closely run back to back.
 COMPARE_ORDER = ("ceiling", "engine", "fleet", "static", "hf_cb")
+COMPARE_TARGETS = ("fleet/static", "fleet/hf_cb", "engine/ceiling", "kv_tokens_per_gib",
+                   "prefix_ttft_ratio", "fleet/engine", "engine/static", "engine/hf_cb")
 
 
 async def run_fleet(options: BenchOptions, workload: Workload, *, slo: dict[str, float],
@@ -59,14 +64,17 @@ async def run_fleet(options: BenchOptions, workload: Workload, *, slo: dict[str,
     return result
 
 
-async def run_sweep(options: BenchOptions, workload: Workload, *, slo: dict[str, float],
-                    capacity_rps: float, fractions: Sequence[float], log_dir: Path,
-                    log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Poisson arrivals at fractions of the offline request throughput, on a fresh fleet."""
+async def run_sweep(options: BenchOptions, workloads: Sequence[Workload], *,
+                    slo: dict[str, float], capacity_rps: float, fractions: Sequence[float],
+                    log_dir: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Poisson arrivals at fractions of the offline request throughput, on a fresh fleet.
+
+    Each point has a workload of its own (same distribution, another seed): the worker caches
+    prompt prefixes, so the same prompts again would find their prefill already done."""
     points = []
     async with _fleet(options, log_dir) as fleet:
-        await _warm_up(fleet, workload, slo)
-        for fraction in fractions:
+        await _warm_up(fleet, workloads[0], slo)
+        for fraction, workload in zip(fractions, workloads, strict=True):
             rate = capacity_rps * fraction
             log(f"  sweep: {rate:.2f} req/s ({fraction:g} x offline throughput)")
             load_before = _loadavg()
@@ -93,9 +101,10 @@ def _fleet(options: BenchOptions, log_dir: Path) -> Any:
 
 
 async def _warm_up(fleet: LocalFleet, workload: Workload, slo: dict[str, float]) -> None:
-    """Four requests with 8-token completions, untimed (first kernels, producer, consumer)."""
-    warm = tuple(replace(r, max_tokens=min(8, r.max_tokens)) for r in workload.requests[:4])
-    await run_load(fleet.kafka, fleet.prefix, Workload(workload.spec, warm), slo=slo)
+    """Four requests with 8-token completions, untimed (first kernels, producer, consumer), whose
+    prompts leave nothing in the worker's prefix cache for the measured requests."""
+    await run_load(fleet.kafka, fleet.prefix, Workload(workload.spec, warm_up_requests(workload)),
+                   slo=slo)
 
 
 def _loadavg() -> float | None:
@@ -123,7 +132,10 @@ def run_compare(options: BenchOptions, out_dir: Path, *, slo: dict[str, float],
     if sweep_fractions and fleet.ok:
         capacity = fleet.details["serve"]["overall"]["request_throughput"]
         try:
-            sweep = asyncio.run(run_sweep(options, workload, slo=slo, capacity_rps=capacity,
+            workloads = [build_workload(replace(options.workload, seed=options.workload.seed
+                                                + 1 + i), tokenizer)
+                         for i in range(len(sweep_fractions))]
+            sweep = asyncio.run(run_sweep(options, workloads, slo=slo, capacity_rps=capacity,
                                           fractions=sweep_fractions, log_dir=log_dir, log=log))
         except Exception as exc:  # the offline figures still stand; say what went wrong
             log(f"  sweep failed: {type(exc).__name__}: {exc}")
@@ -138,6 +150,7 @@ def run_compare(options: BenchOptions, out_dir: Path, *, slo: dict[str, float],
         "ratios": report.ratios(systems, COMPARE_RATIOS),
         "sweep": sweep,
     }
+    data.update(scenario_data(options, workload, tokenizer, data["ratios"], COMPARE_TARGETS, log))
     engine = systems["engine"]
     if engine.ok:
         data["engine_latency"] = aggregate(engine.timings, engine.wall_s, slo).to_json()
@@ -165,6 +178,7 @@ def _plots(out_dir: Path, ordered: list[SystemResult], systems: dict[str, System
             paths.append(plots.lane_ttft(lanes, out_dir / "compare-lane-ttft.png"))
     if sweep:
         paths.append(plots.latency_throughput(sweep, out_dir / "compare-sweep.png"))
+    paths += plots.scenario_plots(out_dir, "compare", data.get("scenarios") or {})
     return paths
 
 
@@ -180,6 +194,14 @@ def compare_markdown(data: dict[str, Any], ordered: list[SystemResult]) -> str:
         f"transformers {m['transformers']}. Engine and worker: max_num_seqs="
         f"{cfg['max_num_seqs']}, max_num_batched_tokens={cfg['max_num_batched_tokens']}. "
         f"Best of {cfg['repeat']} round(s) per system.",
+        "",
+        "## Targets",
+        "",
+        report.targets_table(data["targets"]),
+        "",
+        report.hf_cache_note(data),
+        "",
+        report.ceiling_note(data),
         "",
         "## Useful tokens/s",
         "",
@@ -204,10 +226,7 @@ def compare_markdown(data: dict[str, Any], ordered: list[SystemResult]) -> str:
     if engine_cpu or fleet_cpu:
         parts += ["", "## CPU used during the measured window", "",
                   report.cpu_table(engine_cpu, fleet_cpu)]
-    profile = data["systems"]["engine"].get("details", {}).get("profile")
-    if profile:
-        parts += ["", "## Where the engine's time goes (in-process run)", "",
-                  report.profile_table(profile)]
+    parts += report.scenario_sections(data, data["systems"]["engine"].get("details", {}))
     if data["sweep"]:
         rows = [[f"{p['rate']:.2f}", p["completed"], f"{p['request_throughput']:.2f}",
                  p["output_tokens_per_s"], p["ttft_p50_ms"], p["ttft_p99_ms"], p["tpot_p50_ms"],
@@ -220,3 +239,4 @@ def compare_markdown(data: dict[str, Any], ordered: list[SystemResult]) -> str:
                                    "load avg"], rows)]
     parts += ["", "Plots: " + ", ".join(f"`{p}`" for p in data["plots"])]
     return "\n".join(parts)
+

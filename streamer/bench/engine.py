@@ -14,16 +14,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from streamer.bench import report
+from streamer.bench import plots, report
 from streamer.bench.ceiling import run_ceiling
 from streamer.bench.hf_cb import run_hf_continuous
 from streamer.bench.inprocess import engine_config, run_engine
 from streamer.bench.results import SystemResult, machine_info
+from streamer.bench.scenarios import scenario_data
 from streamer.bench.static import run_static
 from streamer.bench.stats import aggregate
 from streamer.bench.suite import (
     BenchOptions,
     ceiling_shape,
+    kv_budget,
     load_hf_model,
     load_workload,
     run_rounds,
@@ -31,6 +33,8 @@ from streamer.bench.suite import (
 from streamer.bench.workload import Workload
 
 ENGINE_RATIOS = ("engine/static", "engine/ceiling", "engine/hf_cb")
+ENGINE_TARGETS = ("engine/ceiling", "kv_tokens_per_gib", "prefix_ttft_ratio", "engine/static",
+                  "engine/hf_cb")
 ENGINE_ORDER = ("ceiling", "engine", "static", "hf_cb")
 
 
@@ -41,8 +45,6 @@ def inprocess_runners(options: BenchOptions, workload: Workload, tokenizer: Any
     prompt_len, steps = ceiling_shape(workload)
     config = engine_config(options.model, **options.engine_args())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    context = options.max_model_len or model.config.max_position_embeddings
-    kv_tokens = options.max_num_seqs * context  # the engine's KV slots, in tokens
     return {
         "ceiling": lambda: run_ceiling(model, prompt_len=prompt_len, steps=steps,
                                        batch_sizes=options.ceiling_batches,
@@ -50,10 +52,9 @@ def inprocess_runners(options: BenchOptions, workload: Workload, tokenizer: Any
         "engine": lambda: asyncio.run(run_engine(config, workload)),
         "static": lambda: run_static(model, workload, pad_id=pad, max_batch=options.static_batch,
                                      window_s=options.static_window_s),
-        "hf_cb": lambda: run_hf_continuous(model, workload,
+        "hf_cb": lambda: run_hf_continuous(model, workload, kv_cache_bytes=kv_budget(options),
                                            max_batch_tokens=options.max_num_batched_tokens,
-                                           max_requests=options.max_num_seqs,
-                                           kv_tokens=kv_tokens),
+                                           max_requests=options.max_num_seqs),
     }
 
 
@@ -69,16 +70,26 @@ def engine_markdown(data: dict[str, Any], systems: list[SystemResult]) -> str:
         f"{data['machine']['torch']} ({data['machine']['torch_threads']} threads), transformers "
         f"{data['machine']['transformers']}.",
         "",
+        "## Targets",
+        "",
+        report.targets_table(data["targets"]),
+        "",
+        "## Useful tokens/s",
+        "",
         report.systems_table(systems),
         "",
         report.ratios_table(data["ratios"]),
+        "",
+        report.hf_cache_note(data),
+        "",
+        report.ceiling_note(data),
     ]
-    profile = engine.get("details", {}).get("profile")
-    if profile:
-        parts += ["", "## Where the engine's time goes", "", report.profile_table(profile)]
+    parts += report.scenario_sections(data, engine.get("details", {}))
     if data.get("engine_latency"):
         parts += ["", "## Engine latency (in-process, all requests at once)", "",
                   report.latency_table({"engine": data["engine_latency"]})]
+    if data.get("plots"):
+        parts += ["", "Plots: " + ", ".join(f"`{p}`" for p in data["plots"])]
     return "\n".join(parts)
 
 
@@ -99,9 +110,11 @@ def run_engine_bench(options: BenchOptions, out_dir: Path, log: Callable[[str], 
         "systems": {s.name: s.to_json() for s in ordered},
         "ratios": report.ratios(systems, ENGINE_RATIOS),
     }
+    data.update(scenario_data(options, workload, tokenizer, data["ratios"], ENGINE_TARGETS, log))
     engine = systems["engine"]
     if engine.ok:
         data["engine_latency"] = aggregate(engine.timings, engine.wall_s).to_json()
+    data["plots"] = [p.name for p in plots.scenario_plots(out_dir, "engine", data["scenarios"])]
     for path in report.write_results(out_dir, "engine", data, engine_markdown(data, ordered)):
         log(f"wrote {path}")
     return 0 if engine.ok else 1

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from streamer.bench.results import LABELS, SystemResult
+from streamer.bench.scenarios import engine_kv
 from streamer.bench.stats import RequestTiming
-from streamer.bench.workload import Workload
+from streamer.bench.workload import Workload, warm_up_requests
 from streamer.config import EngineConfig
 from streamer.engine.engine import Engine
 from streamer.engine.outputs import OutputKind
@@ -39,6 +40,8 @@ class StepProfile:
     steps: int = 0
     step_tokens: int = 0
     step_items: int = 0
+    peak_running: int = 0
+    peak_kv_usage: float = 0.0
     _timers: dict[str, float] = field(default_factory=dict, repr=False)
 
     def timed(self, name: str, fn: F) -> F:
@@ -52,14 +55,17 @@ class StepProfile:
 
         return wrapper  # type: ignore[return-value]
 
-    def on_step(self, plan: Any, _seconds: float) -> None:
+    def on_step(self, plan: Any, running: int, kv_usage: float) -> None:
         self.steps += 1
         self.step_tokens += plan.num_tokens
         self.step_items += len(plan.items)
+        self.peak_running = max(self.peak_running, running)
+        self.peak_kv_usage = max(self.peak_kv_usage, kv_usage)
 
     def reset(self) -> None:
         self.schedule_s = self.build_s = self.process_s = self.complete_s = 0.0
-        self.steps = self.step_tokens = self.step_items = 0
+        self.steps = self.step_tokens = self.step_items = self.peak_running = 0
+        self.peak_kv_usage = 0.0
 
     def to_json(self, wall_s: float, compute_s: float) -> dict[str, Any]:
         host = self.schedule_s + self.build_s + self.complete_s
@@ -76,6 +82,7 @@ class StepProfile:
                       "output_processing": share(self.process_s), "loop_other": share(other)},
             "detail_s": {"schedule_next": self.schedule_s, "build": self.build_s,
                          "complete": self.complete_s},
+            "peak_running": self.peak_running, "peak_kv_usage": self.peak_kv_usage,
         }
 
 
@@ -94,13 +101,17 @@ async def run_engine(config: EngineConfig, workload: Workload, *,
     try:
         async with Engine(config) as engine:
             _instrument(engine, profile)
-            await _warm_up(engine, workload, warmup_requests)
+            await warm_up(engine, workload, warmup_requests)
             profile.reset()
+            hits_before = engine.blocks.stats.hit_tokens if engine.blocks else 0
             busy_before = sum(engine.stage_busy_seconds())
             cpu_before = time.process_time()  # every thread of this process
-            timings, wall = await _drive(engine, workload)
+            timings, wall = await drive(engine, workload)
             cpu = time.process_time() - cpu_before
             compute = sum(engine.stage_busy_seconds()) - busy_before
+            kv = engine_kv(engine, workload)
+            kv["prefix_hit_tokens"] = (engine.blocks.stats.hit_tokens - hits_before
+                                       if engine.blocks else None)
     except Exception as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return result
@@ -111,7 +122,7 @@ async def run_engine(config: EngineConfig, workload: Workload, *,
                                  "max_num_batched_tokens": config.max_num_batched_tokens,
                                  "kv_cache_bytes": config.kv_cache_bytes,
                                  "max_model_len": config.max_model_len},
-                      "completed": sum(t.ok for t in timings),
+                      "completed": sum(t.ok for t in timings), "kv_cache": kv,
                       "cpu": {"wall_s": wall, "process_cpu_s": cpu, "stage_busy_s": compute},
                       "profile": profile.to_json(wall, compute)}
     return result
@@ -125,20 +136,21 @@ def _instrument(engine: Engine, profile: StepProfile) -> None:
     scheduler.complete = profile.timed("complete_s", scheduler.complete)  # type: ignore[method-assign]
     engine._build = profile.timed("build_s", engine._build)  # type: ignore[method-assign]
     engine._process = profile.timed("process_s", engine._process)  # type: ignore[method-assign]
-    engine.on_step = profile.on_step
+    engine.on_step = lambda plan, _seconds: profile.on_step(
+        plan, scheduler.num_running, engine.kv_usage)
 
 
-async def _warm_up(engine: Engine, workload: Workload, count: int) -> None:
+async def warm_up(engine: Engine, workload: Workload, count: int) -> None:
     """A few short requests first, so one-off costs (allocator, kernels) are not timed."""
-    streams = [engine.add(f"warmup-{i}", list(r.prompt_ids), SamplingParams(max_tokens=8,
-                                                                            ignore_eos=True))
-               for i, r in enumerate(workload.requests[:count])]
+    streams = [engine.add(r.request_id, list(r.prompt_ids),
+                          SamplingParams(max_tokens=r.max_tokens, ignore_eos=True))
+               for r in warm_up_requests(workload, count)]
     for stream in streams:
         async for _ in stream:
             pass
 
 
-async def _drive(engine: Engine, workload: Workload) -> tuple[list[RequestTiming], float]:
+async def drive(engine: Engine, workload: Workload) -> tuple[list[RequestTiming], float]:
     began = time.monotonic()
 
     async def one(index: int) -> RequestTiming:

@@ -106,6 +106,85 @@ def latency_throughput(points: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return _save(fig, plt, path)
 
 
+def scenario_plots(out_dir: Path, stem: str, scenarios: Mapping[str, Any]) -> list[Path]:
+    """`<stem>-steps.png` and `<stem>-prefix.png` for the scenarios that produced figures."""
+    paths = []
+    profile = scenarios.get("profile")
+    if profile and "error" not in profile and profile["per_step"]:
+        paths.append(step_profile(profile, out_dir / f"{stem}-steps.png"))
+    prefix = scenarios.get("prefix")
+    if prefix and "error" not in prefix:
+        paths.append(prefix_ttft(prefix, out_dir / f"{stem}-prefix.png"))
+    return paths
+
+
+def step_profile(profile: Mapping[str, Any], path: Path) -> Path:
+    """The profiled pass: tokens per step (prompt vs decode), step time against tokens, and
+    where the wall time went, part by part."""
+    from streamer.bench.profiler import OVERHEAD_PARTS, PART_SHORT
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    steps = profile["per_step"]
+    xs = list(range(len(steps)))
+    prefill = [s["prefill_tokens"] for s in steps]
+    decode = [s["tokens"] - s["prefill_tokens"] for s in steps]
+    axes[0].bar(xs, decode, width=1.0, color="#4c72b0", label="decode tokens")
+    axes[0].bar(xs, prefill, width=1.0, bottom=decode, color="#dd8452", label="prompt tokens")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("tokens in the step")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("tokens per step")
+    mixed = [s for s in steps if s["prefill_tokens"]]
+    pure = [s for s in steps if not s["prefill_tokens"]]
+    for group, color, label in ((pure, "#4c72b0", "decode only"),
+                                (mixed, "#dd8452", "with prompt tokens")):
+        axes[1].scatter([s["tokens"] for s in group], [s["ms"] for s in group], s=8,
+                        color=color, label=label)
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("tokens in the step (log scale)")
+    axes[1].set_ylabel("step time (ms)")
+    axes[1].set_ylim(bottom=0)
+    axes[1].grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    axes[1].set_title("step time against its tokens")
+    parts = list(profile["seconds"])
+    shares = [100 * profile["share"][p] for p in parts]
+    colors = ["#c44e52" if p == "attention" else "#55a868" if p == "mlp"
+              else "#8c8c8c" if p in OVERHEAD_PARTS else "#4c72b0" for p in parts]
+    axes[2].barh([PART_SHORT.get(p, p) for p in parts], shares, color=colors)
+    for y, share in enumerate(shares):
+        axes[2].text(share, y, f" {share:.1f}%", va="center", fontsize=8)
+    axes[2].invert_yaxis()
+    axes[2].tick_params(axis="y", labelsize=8)
+    axes[2].set_xlabel("share of wall time (%)")
+    axes[2].set_xlim(0, max([*shares, 1.0]) * 1.25)
+    axes[2].set_title("where the time goes (grey: host, Python)")
+    return _save(fig, plt, path)
+
+
+def prefix_ttft(prefix: Mapping[str, Any], path: Path) -> Path:
+    """TTFT of each request of the prefix scenario, uncached vs cached, with the 1/3 line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    rows = [r for r in prefix["requests"] if r["kind"] != "primer" and r["ttft_ms"] is not None]
+    for kind, color in (("uncached", "#c44e52"), ("cached", "#4c72b0")):
+        mine = [r["ttft_ms"] for r in rows if r["kind"] == kind]
+        ax.plot(range(1, len(mine) + 1), mine, marker="o", color=color, label=kind)
+    cold = (prefix["uncached"]["ttft_ms"] or {}).get("p50")
+    if cold:
+        ax.axhline(cold / 3, color="#333333", linestyle="--", linewidth=0.8,
+                   label="target: 1/3 of uncached p50")
+    ax.set_xlabel("pair (uncached and cached requests alternate)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("TTFT (ms)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"shared {prefix['spec']['prefix_tokens']}-token system prompt: TTFT")
+    return _save(fig, plt, path)
+
+
 def _save(fig: Any, plt: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -9,11 +9,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamer.bench.prefix import PrefixSpec
 from streamer.bench.results import LABELS, SystemResult
 from streamer.bench.workload import Workload, WorkloadSpec, build_workload
+from streamer.config import EngineConfig
 
 DEFAULT_MODELS_DIR = Path(".streamer/models")
 DEFAULT_MIX = "urgent=0.05,high=0.15,normal=0.5,low=0.3"
+ENGINE_DEFAULTS = EngineConfig()
+"""The engine's own defaults: what a user who sets nothing runs, so what the bench runs."""
 
 
 @dataclass(frozen=True)
@@ -22,9 +26,11 @@ class BenchOptions:
 
     model: str
     preset: str = "bench"
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs
+    max_num_batched_tokens: int = ENGINE_DEFAULTS.max_num_batched_tokens
     kv_cache_bytes: int | None = None
+    """None: the engine's default budget (1 GiB on CPU); transformers' continuous batching gets
+    the same bytes."""
     max_model_len: int | None = None  # the model's own context: the default a user gets
     static_batch: int = 32
     static_window_s: float = 0.010
@@ -34,12 +40,18 @@ class BenchOptions:
     repeat: int = 1
     """Rounds of every system (order reversed on odd rounds); each system's best round counts."""
     systems: tuple[str, ...] | None = None
-    """Only these systems (None: all of them)."""
+    """Only these systems and scenarios (None: all of them)."""
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    prefix: PrefixSpec = field(default_factory=PrefixSpec)
+    """The shared-system-prompt scenario."""
+
+    def wants(self, name: str) -> bool:
+        return self.systems is None or name in self.systems
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["workload"] = self.workload.to_json()
+        out["prefix"] = self.prefix.to_json()
         return out
 
     def engine_args(self) -> dict[str, Any]:
@@ -55,6 +67,13 @@ def resolve_model(model: str | None, preset: str) -> str:
     from streamer.tiny_model import PRESETS, ensure_tiny_model
 
     return str(ensure_tiny_model(DEFAULT_MODELS_DIR / preset, PRESETS[preset]))
+
+
+def kv_budget(options: BenchOptions) -> int:
+    """The engine's KV budget in bytes as the bench configures it (the CPU default when unset)."""
+    from streamer.engine.engine import CPU_DEFAULT_KV_BYTES
+
+    return options.kv_cache_bytes or CPU_DEFAULT_KV_BYTES
 
 
 def apply_threads(threads: int | None) -> None:

@@ -97,6 +97,17 @@ class Workload:
             for r, t in zip(self.requests, offsets, strict=True)))
 
 
+def warm_up_requests(workload: Workload, count: int = 4, max_tokens: int = 8
+                     ) -> tuple[BenchRequest, ...]:
+    """Short untimed requests shaped like the workload's first ones, with their words (and ids)
+    in reverse order: they warm kernels and allocators up but leave no prefix in the KV cache
+    that a measured request could reuse (engine, worker and transformers all cache prefixes)."""
+    return tuple(
+        BenchRequest(f"warmup-{i}-{r.request_id}", " ".join(reversed(r.prompt.split())),
+                     tuple(reversed(r.prompt_ids)), min(max_tokens, r.max_tokens), r.lane, 0.0)
+        for i, r in enumerate(workload.requests[:count]))
+
+
 def build_workload(spec: WorkloadSpec, tokenizer: Any | None) -> Workload:
     """Draw lengths, lanes and arrivals from `spec.seed`, and make prompts of those lengths.
 
