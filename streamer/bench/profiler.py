@@ -86,19 +86,20 @@ class LayerProfiler:
         if any(getattr(s, "device", torch.device("cpu")).type == "cuda" for s in stages):
             self._sync = torch.cuda.synchronize
         for stage in stages:
-            for layer in getattr(stage, "layers", []):
+            layers, embed, head, norms = _stage_modules(stage)
+            for layer in layers:
                 for name, child in layer.named_children():
-                    if name == "self_attn":
+                    if name in ("self_attn", "attention", "attn"):
                         self._hook(child, "_attn_block")
-                    elif name == "mlp":
+                    elif name in ("mlp", "feed_forward"):
                         self._hook(child, "mlp")
                     elif "norm" in name:
                         self._hook(child, "norms")
-            for name in ("embed", "lm_head"):
-                if getattr(stage, name, None) is not None:
-                    self._hook(getattr(stage, name), "embed_lm_head")
-            if getattr(stage, "norm", None) is not None:
-                self._hook(stage.norm, "norms")
+            for module in (embed, head):
+                if module is not None:
+                    self._hook(module, "embed_lm_head")
+            for norm in norms:
+                self._hook(norm, "norms")
         self._wrap_attention()
         self._wrap_engine(engine)
 
@@ -269,3 +270,18 @@ def _spread(values: list[float] | list[int]) -> dict[str, float] | None:
     data = [float(v) for v in values]
     return {"mean": sum(data) / len(data), "p50": percentile(data, 50),
             "p90": percentile(data, 90), "min": min(data), "max": max(data)}
+
+
+def _stage_modules(stage: Any) -> tuple[list[torch.nn.Module], Any, Any, list[torch.nn.Module]]:
+    """A stage's own decoder layers, embedding (first stage), LM head (last) and final norms,
+    read from its shell (`streamer.engine.shell.StageShell`)."""
+    from streamer.engine.shell import decoder_layers
+
+    shell = stage.shell
+    _, layers = decoder_layers(shell.model)
+    own = [layers[i] for i in stage.layer_range]
+    embed = shell.model.get_input_embeddings() if shell.first else None
+    head = shell.model.get_output_embeddings() if shell.last else None
+    base = shell.model.base_model
+    norms = [m for n, m in base.named_children() if shell.last and "norm" in n]
+    return own, embed, head, norms
