@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,9 @@ def add_bench_parser(sub: Any) -> None:
                               "continuous batching on one workload, with plots")
     _add_engine_options(compare, mix_default="urgent=0.05,high=0.15,normal=0.5,low=0.3")
     compare.add_argument("--slo", default=DEFAULT_SLO, help=f"goodput SLO (default {DEFAULT_SLO})")
+    compare.add_argument("--workers", type=int, default=1, help="workers in the fleet")
+    compare.add_argument("--worker-flags", default="",
+                         help="extra `streamer worker` flags for the fleet, e.g. '--chunk-ms 0'")
     compare.add_argument("--sweep", action="store_true",
                          help="also sweep the fleet's arrival rate (latency-throughput curve)")
     compare.add_argument("--sweep-fractions", type=_floats,
@@ -196,6 +200,8 @@ def _options(args: argparse.Namespace) -> Any:
         static_batch=args.static_batch, static_window_s=args.static_window_ms / 1000,
         ceiling_batches=args.ceiling_batches or defaults["ceiling_batches"],
         threads=args.threads, repeat=args.repeat, systems=args.systems,
+        workers=getattr(args, "workers", 1),
+        worker_flags=tuple(shlex.split(getattr(args, "worker_flags", "") or "")),
         workload=_workload_spec(args, defaults),
         prefix=PrefixSpec(pairs=args.prefix_pairs or defaults["prefix_pairs"],
                           prefix_tokens=args.prefix_tokens, suffix_range=args.prefix_suffix,

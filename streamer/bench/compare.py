@@ -38,15 +38,15 @@ COMPARE_TARGETS = ("fleet/static", "fleet/hf_cb", "engine/ceiling", "kv_tokens_p
 
 async def run_fleet(options: BenchOptions, workload: Workload, *, slo: dict[str, float],
                     log_dir: Path, log: Callable[[str], None]) -> SystemResult:
-    """Broker + topics + 1 worker, a short warm-up, the offline workload; everything stopped."""
+    """Broker + topics + N workers, a short warm-up, the offline workload; everything stopped."""
     result = SystemResult("fleet", LABELS["fleet"])
     try:
         async with _fleet(options, log_dir) as fleet:
             log(f"  fleet ready (prefix {fleet.prefix}); warming up")
             await _warm_up(fleet, workload, slo)
-            worker = fleet.fleet.procs[0]
-            ids = (worker.process.pid if worker.process else None,
-                   probe.metrics_port(worker.log_path), fleet.broker_pid)
+            procs = fleet.fleet.procs
+            ids = ([w.process.pid if w.process else None for w in procs],
+                   [probe.metrics_port(w.log_path) for w in procs], fleet.broker_pid)
             before = await probe.snapshot(*ids)
             served = await run_load(fleet.kafka, fleet.prefix, workload, slo=slo)
             resources = probe.usage(before, await probe.snapshot(*ids))
@@ -96,8 +96,9 @@ async def run_sweep(options: BenchOptions, workloads: Sequence[Workload], *,
 
 
 def _fleet(options: BenchOptions, log_dir: Path) -> Any:
-    args = worker_args(options.model, **options.engine_args())
-    return local_fleet(args, log_dir=log_dir, env=worker_env(options.threads))
+    args = [*worker_args(options.model, **options.engine_args()), *options.worker_flags]
+    return local_fleet(args, log_dir=log_dir, workers=options.workers,
+                       env=worker_env(options.threads))
 
 
 async def _warm_up(fleet: LocalFleet, workload: Workload, slo: dict[str, float]) -> None:

@@ -212,8 +212,16 @@ def cpu_table(engine_cpu: Mapping[str, Any] | None, fleet_cpu: Mapping[str, Any]
         total = sum(p for p in parts if p is not None)
         rows.append(["fleet via Kafka", fleet_cpu["wall_s"], fleet_cpu.get("worker_stage_busy_s"),
                      *parts, total])
-    return md_table(["run", "wall s", "stage busy s (wall)", "engine/worker CPU s",
-                     "broker CPU s", "load generator CPU s", "total CPU s"], rows)
+    table = md_table(["run", "wall s", "stage busy s (wall)", "engine/worker CPU s",
+                      "broker CPU s", "load generator CPU s", "total CPU s"], rows)
+    if fleet_cpu and fleet_cpu.get("records_per_token") is not None:
+        kafka = [[fleet_cpu.get(k) for k in (
+            "generated_tokens", "token_records", "event_records", "records_per_token",
+            "tokens_per_chunk", "records_per_s", "bytes_per_s", "broker_cpu_ms_per_token")]]
+        table += "\n\nThe Kafka path's cost (all workers):\n\n" + md_table(
+            ["generated tokens", "token chunks", "events", "records / token", "tokens / chunk",
+             "records/s", "bytes/s", "broker CPU ms / token"], kafka)
+    return table
 
 
 def scenario_sections(data: Mapping[str, Any], engine_details: Mapping[str, Any]) -> list[str]:

@@ -44,6 +44,10 @@ class BenchOptions:
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     prefix: PrefixSpec = field(default_factory=PrefixSpec)
     """The shared-system-prompt scenario."""
+    workers: int = 1
+    """Workers in the fleet (each with the engine settings above)."""
+    worker_flags: tuple[str, ...] = ()
+    """Extra `streamer worker` flags for the fleet (e.g. --chunk-ms 0)."""
 
     def wants(self, name: str) -> bool:
         return self.systems is None or name in self.systems

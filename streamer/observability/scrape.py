@@ -50,6 +50,9 @@ class WorkerScrape:
     ready_gauge: float | None = None
     stage_busy: dict[str, float] = field(default_factory=dict)
     """stage -> busy seconds."""
+    output_records: dict[str, float] = field(default_factory=dict)
+    """kind (tokens, events, dlq) -> messages produced."""
+    output_bytes: dict[str, float] = field(default_factory=dict)
 
     @property
     def is_ready(self) -> bool:
@@ -87,6 +90,10 @@ def parse_metrics(text: str, target: str = "", at: float = 0.0) -> WorkerScrape:
                 s.ready_gauge = value
             elif name == "streamer_stage_busy_seconds_total":
                 s.stage_busy[labels.get("stage", "")] = value
+            elif name == "streamer_output_records_total":
+                s.output_records[labels.get("kind", "")] = value
+            elif name == "streamer_output_bytes_total":
+                s.output_bytes[labels.get("kind", "")] = value
             elif name == "streamer_info":
                 s.worker = labels.get("worker", "")
                 s.model = labels.get("model", "")
