@@ -111,8 +111,9 @@ class EngineConfig:
     """Layers per stage, e.g. 3,5; none splits evenly."""
     dtype: str = "auto"
     """float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on CUDA when supported)."""
-    max_num_seqs: int = 32
-    """Most sequences in one engine step (across all micro-batches)."""
+    max_num_seqs: int = 64
+    """Most sequences in one engine step (across all micro-batches). 64 measured faster than 32
+    on CPU (docs/benchmarks.md); each step, so each token, takes longer the more it holds."""
     max_num_batched_tokens: int = 512
     """Token budget of one step: prefill chunks plus one token per decoding sequence."""
     kv_cache_bytes: int | None = None

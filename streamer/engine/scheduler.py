@@ -39,7 +39,7 @@ NUM_LANES = 4
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 32
+    max_num_seqs: int = 64
     """Running sequences at most, across all groups."""
     max_num_batched_tokens: int = 512
     """Tokens in one step of one group (decode tokens + prefill chunks)."""
