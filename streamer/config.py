@@ -168,6 +168,9 @@ class EngineConfig:
             raise ValueError("; ".join(errors))
 
 
+ASSIGNORS = ("sticky", "roundrobin", "range")
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """One worker process: where it reads, what it serves, how it reports."""
@@ -185,6 +188,10 @@ class WorkerConfig:
     """Name on events and logs; empty: a random one."""
     group_instance_id: str | None = None
     """Static membership id for rolling restarts (unique per worker)."""
+    assignor: str = "sticky"
+    """Partition assignor of the consumer group: sticky (partitions stay with their owner when
+    members join or leave; round-robin is offered too, so a group that still has older workers
+    agrees on it), roundrobin or range."""
     metrics_port: int | None = None
     """Port of Prometheus /metrics, /healthz and /readyz. none: 9400, or a free port (logged as
     metrics_listening) when 9400 is taken; a port given is used exactly (an error when taken);
@@ -241,6 +248,8 @@ class WorkerConfig:
                 errors.append(str(exc))
         if not self.prefix or any(c.isspace() for c in self.prefix):
             errors.append(f"prefix={self.prefix!r} must be a non-empty topic-name prefix")
+        if self.assignor not in ASSIGNORS:
+            errors.append(f"assignor={self.assignor!r} is not one of {', '.join(ASSIGNORS)}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             errors.append(f"metrics_port={self.metrics_port} is not a port")
         errors += _below(self, 1, "lane_capacity", "max_outstanding_outputs", "chunk_tokens",

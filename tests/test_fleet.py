@@ -159,11 +159,12 @@ async def test_sigterm_hands_back_what_does_not_fit_the_grace_period(
     assert sum(1 for h in handles if "w0" in _started_by(h)) == 2
 
 
-async def test_a_rebalance_stops_the_revoked_requests(
+async def test_a_rebalance_stops_only_the_requests_that_moved(
     start_worker, client, gate, kafka_settings, prefix
 ) -> None:
-    """A joining worker takes partitions from a busy one: the requests on them stop on the old
-    owner (no outcome, no more tokens from that attempt) and restart on the new one."""
+    """A joining worker takes partitions from a busy one (sticky assignor). Requests on the
+    partitions that moved stop on the old owner (no outcome, no more tokens from that attempt)
+    and restart on the new one; requests on the partitions it kept run on, one attempt each."""
     gate.hold()
     first = start_worker("--max-num-seqs", "16", gate=gate)
     partitions = partitions_of(protocol.request_topic(prefix, "normal"))
@@ -173,21 +174,26 @@ async def test_a_rebalance_stops_the_revoked_requests(
     await until(lambda: all(_has(h, EventType.QUEUED) for h in handles), what="all queued")
     gate.hold_at(3)  # one step admits all: each holds at 3 of its 24 tokens
     await until(lambda: all(_started(h) for h in handles), what="all running on w0")
-    start_worker()  # returns once w1 has partitions: w0's revoke has run
+    start_worker()  # returns once w1 has partitions
+    await first.await_for("partitions_moved")  # w0 knows its new assignment: moved ones stopped
     gate.release()
     results = await asyncio.gather(*(h.result(120) for h in handles))
     assert all(r.outcome.type is EventType.COMPLETED and len(r.token_ids) == 24 for r in results)
     moved = [r for r in results if r.outcome.worker == "w1"]
+    kept = [r for r in results if r.outcome.worker == "w0"]
     assert moved, "w1 owns some partitions, and a request waits on every partition"
+    assert kept, "the sticky assignor leaves w0 some of its partitions"
     for result in results:
         assert _outcome_names_the_last_attempt(result)
     for result in moved:
         started = [e for e in result.events if e.type is EventType.STARTED]
         assert started[0].worker == "w0" and started[-1].worker == "w1"
         assert len({e.attempt for e in started}) == len(started) >= 2
+    for result in kept:  # the rebalance cost them nothing
+        assert [e.worker for e in result.events if e.type is EventType.STARTED] == ["w0"]
     # Nothing more will come from w0: what it published is all in the topics now.
     assert first.terminate(timeout=60) == 0
-    # Attempts that are not their request's outcome were stopped by the revoke (all on w0).
+    # Attempts that are not their request's outcome were stopped by the move (all on w0).
     revoked = {e.attempt for r in results for e in r.events
                if e.type is EventType.STARTED and e.attempt != r.outcome.attempt}
     assert revoked

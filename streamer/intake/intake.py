@@ -62,6 +62,7 @@ class Intake:
         self.consumer: AIOKafkaConsumer | None = None
         self.fetcher: Fetcher | None = None
         self.assigned = False
+        self._revoked: set[tuple[str, int]] = set()  # revoked, not yet known to have moved
         self.poisoned = 0
         self._limits: TokenLimits | None = None
         self.before_revoke: Callable[[], Awaitable[None]] | None = None
@@ -78,6 +79,7 @@ class Intake:
             **cfg.kafka.client_kwargs(),
             group_id=cfg.consumer_group,
             group_instance_id=cfg.group_instance_id,
+            partition_assignment_strategy=assignors(cfg.assignor),
             client_id=self.name,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -263,16 +265,36 @@ class Intake:
     # ------------------------------------------------------------------ rebalances
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Stop requests of revoked partitions before the revoke completes (no more tokens).
-
-        Those that do not stop within `revoke_wait_s` are handed back anyway: unregistered, so
-        the record is served afresh by whoever gets it, and their late end finishes nothing."""
-        keys = {(tp.topic, tp.partition) for tp in revoked}
+        """Commit what is finished, and keep serving: aiokafka's eager protocol revokes every
+        partition at each rebalance, but with the sticky assignor most come straight back.
+        Only the partitions that really moved are stopped, once the new assignment is known."""
         try:
             if self.before_revoke is not None:
                 await asyncio.wait_for(self.before_revoke(), self.config.shutdown_timeout_s)
         except Exception as exc:
             log.warning("commit_on_revoke_failed", error=repr(exc)[:200])
+        self._revoked |= {(tp.topic, tp.partition) for tp in revoked}
+        self.assigned = False
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        now = {(tp.topic, tp.partition) for tp in assigned}
+        moved, kept = self._revoked - now, self._revoked & now
+        self._revoked = set()
+        if moved:
+            await self._stop_moved(moved)
+        # aiokafka forgets pauses on rebalance.
+        if self.consumer is not None and (tps := self._partitions_of(self.backpressure.paused)):
+            self.consumer.pause(*tps)
+        self.assigned = True
+        if self.on_assignment is not None:
+            self.on_assignment()
+        log.info("partitions_assigned", count=len(assigned), kept=len(kept), moved=len(moved))
+
+    async def _stop_moved(self, keys: set[tuple[str, int]]) -> None:
+        """Stop the requests of partitions another member owns now (no more tokens from them).
+
+        Those that do not stop within `revoke_wait_s` are handed back anyway: unregistered, so
+        the record is served afresh by whoever owns it, and their late end finishes nothing."""
         victims = self.flights.in_partitions(keys)
         for flight in victims:
             self.engine.abort(flight.request.id, "revoked")
@@ -286,17 +308,22 @@ class Intake:
         for topic, partition in keys:
             self.offsets.forget(topic, partition)
         if self.fetcher is not None:
-            self.fetcher.forget(revoked)
-        self.assigned = False
+            self.fetcher.forget({TopicPartition(t, p) for t, p in keys})
+        log.info("partitions_moved", count=len(keys), stopped=len(victims))
 
-    def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        # aiokafka forgets pauses on rebalance.
-        if self.consumer is not None and (tps := self._partitions_of(self.backpressure.paused)):
-            self.consumer.pause(*tps)
-        self.assigned = True
-        if self.on_assignment is not None:
-            self.on_assignment()
-        log.info("partitions_assigned", count=len(assigned))
+
+def assignors(name: str) -> tuple[type, ...]:
+    """The strategies offered to the group, preferred first. The group picks one every member
+    offers, so sticky workers joining a round-robin group (a rolling upgrade) still agree."""
+    from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+    from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+    from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
+
+    return {
+        "sticky": (StickyPartitionAssignor, RoundRobinPartitionAssignor),
+        "roundrobin": (RoundRobinPartitionAssignor,),
+        "range": (RangePartitionAssignor,),
+    }[name]
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -307,4 +334,4 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.intake.on_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.intake.on_assigned(assigned)
+        await self.intake.on_assigned(assigned)
