@@ -166,11 +166,13 @@ async def test_a_rebalance_stops_only_the_requests_that_moved(
     partitions that moved stop on the old owner (no outcome, no more tokens from that attempt)
     and restart on the new one; requests on the partitions it kept run on, one attempt each."""
     gate.hold()
-    first = start_worker("--max-num-seqs", "16", gate=gate)
-    partitions = partitions_of(protocol.request_topic(prefix, "normal"))
-    handles = [await client.submit(PROMPTS[i % len(PROMPTS)], request_id=rid, max_tokens=24,
-                                   ignore_eos=True)
-               for i, rid in enumerate(ids_on_every_partition("moved", partitions))]
+    first = start_worker("--max-num-seqs", "64", "--max-num-batched-tokens", "2048", gate=gate)
+    handles = []
+    for lane in protocol.PRIORITIES:  # a request on every request partition of every lane
+        partitions = partitions_of(protocol.request_topic(prefix, lane))
+        for i, rid in enumerate(ids_on_every_partition(f"moved-{lane}", partitions)):
+            handles.append(await client.submit(PROMPTS[i % len(PROMPTS)], request_id=rid,
+                                               priority=lane, max_tokens=24, ignore_eos=True))
     await until(lambda: all(_has(h, EventType.QUEUED) for h in handles), what="all queued")
     gate.hold_at(3)  # one step admits all: each holds at 3 of its 24 tokens
     await until(lambda: all(_started(h) for h in handles), what="all running on w0")
