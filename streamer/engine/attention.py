@@ -278,8 +278,9 @@ def paged_attention_forward(
         b = dec.rows.shape[0]
         blocks, length, mask = dec.keys(window)
         qd = q.index_select(0, dec.rows).view(b, num_kv, groups, head_dim)  # [B, Hkv, G, D]
-        keys = k_cache.index_select(0, blocks).view(b, length, num_kv, head_dim).transpose(1, 2)
-        values = v_cache.index_select(0, blocks).view(b, length, num_kv, dv).transpose(1, 2)
+        kb, vb = step.pool.gather(module.layer_idx, blocks)
+        keys = kb.view(b, length, num_kv, head_dim).transpose(1, 2)
+        values = vb.view(b, length, num_kv, dv).transpose(1, 2)
         sink = None if sinks is None else sinks.view(1, num_kv, groups, 1)
         od = _attend(qd, keys.to(dtype), values.to(dtype), mask, scale, softcap, sink)
         out.index_copy_(0, dec.rows, od.reshape(b, num_heads, dv))  # od: [B, Hkv, G, D]
@@ -290,8 +291,9 @@ def paged_attention_forward(
         blocks, length, mask = pre.keys(window, groups)
         qp = q[pre.start : pre.start + n].view(n, num_kv, groups, head_dim)
         qp = qp.permute(1, 2, 0, 3).reshape(num_kv, groups * n, head_dim)  # [Hkv, G*n, D]
-        keys = k_cache.index_select(0, blocks).view(-1, num_kv, head_dim)[:length]
-        values = v_cache.index_select(0, blocks).view(-1, num_kv, dv)[:length]  # [L, Hkv, D]
+        kb, vb = step.pool.gather(module.layer_idx, blocks)
+        keys = kb.view(-1, num_kv, head_dim)[:length]
+        values = vb.view(-1, num_kv, dv)[:length]  # [L, Hkv, D]
         sink = None
         if sinks is not None:
             sink = sinks.view(num_kv, groups, 1).expand(num_kv, groups, n)

@@ -109,6 +109,10 @@ class KVPool:
         self.k = [torch.zeros(shape, dtype=layout.dtype, device=self.device) for _ in layout.layers]
         self.v = [torch.zeros(shape, dtype=layout.dtype, device=self.device) for _ in layout.layers]
         self._index = {layer: i for i, layer in enumerate(layout.layers)}
+        # Gather buffers for attention reads, reused by every layer and step of this stage (its
+        # layers run one after another on one thread). A fresh multi-MB tensor per layer costs
+        # more in page faults than the copy itself (docs/benchmarks.md, "Attention reads").
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_budget(
@@ -131,6 +135,28 @@ class KVPool:
                 f"layer {layer_idx} is not held by this pool (layers {self.layout.layers})"
             ) from None
         return self.k[i], self.v[i]
+
+    def gather(self, layer_idx: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `blocks` (flat [n] block ids) of one layer, as [n, block_size, H, D]
+        views of this pool's scratch buffers: valid until the next `gather` on this pool."""
+        k, v = self.layer(layer_idx)
+        n = blocks.shape[0]
+        if self._scratch is None or self._scratch[0].shape[0] < n:
+            grow = max(n, 2 * self._scratch[0].shape[0] if self._scratch is not None else 0)
+            shape = (grow, *k.shape[1:])
+            self._scratch = (torch.empty(shape, dtype=k.dtype, device=self.device),
+                             torch.empty(shape, dtype=v.dtype, device=self.device))
+        kb, vb = self._scratch[0][:n], self._scratch[1][:n]
+        torch.index_select(k, 0, blocks, out=kb)
+        torch.index_select(v, 0, blocks, out=vb)
+        return kb, vb
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Memory of the gather buffers (grown to the largest step read so far)."""
+        if self._scratch is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._scratch)
 
     @property
     def nbytes(self) -> int:
