@@ -35,7 +35,7 @@ from streamer import protocol
 from streamer.aio import cancel_and_wait
 from streamer.config import KafkaSettings
 from streamer.partitioning import ReadLog, partition_for
-from streamer.protocol import Event, EventType, GenerationRequest, TokenChunk
+from streamer.protocol import Event, EventType, GenerationRequest, Segment, TokenChunk
 
 CLOCK_SKEW_MS = 60_000
 """How far a worker's clock may run behind the client's: a partition picked up late (its topic
@@ -44,7 +44,7 @@ grew) is read from this much before the oldest open request that needs it."""
 
 class UpdateKind(enum.StrEnum):
     TEXT = "text"  # new text of the current attempt
-    RESTART = "restart"  # a new attempt started: discard text shown so far
+    RESTART = "restart"  # a new attempt does not continue the text shown: discard it
     EVENT = "event"  # a lifecycle event (the last one yielded is the outcome)
 
 
@@ -71,7 +71,15 @@ class Result:
 @dataclass
 class _Attempt:
     chunks: dict[int, TokenChunk] = field(default_factory=dict)
-    emitted_to: int = 0  # next token index to emit
+    start: int = 0  # index of its own first token (> 0 when it resumed an earlier attempt)
+    segments: list[Segment] = field(default_factory=list)  # who published [0, start)
+
+    def ranges(self, name: str) -> list[tuple[str, int, float]]:
+        """(attempt, start, end) of every index of this attempt's stream, in order."""
+        return [(s.attempt, s.start, s.end) for s in self.segments] + [(name, self.start, INF)]
+
+
+INF = float("inf")
 
 
 class RequestHandle:
@@ -85,6 +93,7 @@ class RequestHandle:
         self._updates: asyncio.Queue[Update] = asyncio.Queue()
         self._attempts: dict[str, _Attempt] = {}
         self._current: str | None = None
+        self._emitted = 0  # next token index of the current attempt's stream to emit
         self._outcome: Event | None = None
         self._done = asyncio.Event()
         self.events: list[Event] = []
@@ -98,8 +107,7 @@ class RequestHandle:
         attempt.chunks[chunk.index] = chunk
         if self._current is None:
             self._current = chunk.attempt
-        if chunk.attempt == self._current:
-            self._emit_ready(attempt)
+        self._emit_ready()  # the chunk may be the current attempt's, or one it continues
         self._maybe_done()
 
     def _on_event(self, event: Event) -> None:
@@ -108,29 +116,52 @@ class RequestHandle:
         if event in self.events:
             return  # the same record produced twice (a producer retry): nothing new
         self.events.append(event)
-        if event.type is EventType.STARTED and event.attempt and event.attempt != self._current:
-            restarted = self._current is not None
-            self._current = event.attempt
-            if restarted:
-                self._updates.put_nowait(Update(UpdateKind.RESTART, attempt=event.attempt))
-            self._emit_ready(self._attempts.setdefault(event.attempt, _Attempt()))
+        if event.type is EventType.STARTED and event.attempt:
+            attempt = self._attempts.setdefault(event.attempt, _Attempt())
+            if event.resumed is not None:
+                attempt.start, attempt.segments = event.resumed.index, event.resumed.segments
+            self._switch(event.attempt)
         self._updates.put_nowait(Update(UpdateKind.EVENT, event=event, attempt=event.attempt))
         if event.type.is_terminal:
             self._outcome = event
-            if event.attempt and event.attempt != self._current:
-                self._current = event.attempt
-                self._updates.put_nowait(Update(UpdateKind.RESTART, attempt=event.attempt))
-                self._emit_ready(self._attempts.setdefault(event.attempt, _Attempt()))
+            if event.attempt:
+                self._switch(event.attempt)
             self._maybe_done()
 
-    def _emit_ready(self, attempt: _Attempt) -> None:
-        while attempt.emitted_to in attempt.chunks:
-            chunk = attempt.chunks[attempt.emitted_to]
+    def _switch(self, name: str) -> None:
+        """Follow attempt `name` from now on. The text shown so far stands when `name`'s stream
+        has the same owner at every index shown (it resumed the shown attempt); else RESTART."""
+        if name == self._current:
+            self._emit_ready()
+            return
+        old, self._current = self._current, name
+        new = self._attempts.setdefault(name, _Attempt())
+        if old is not None and not _agree(
+            self._attempts.setdefault(old, _Attempt()).ranges(old), new.ranges(name),
+            self._emitted,
+        ):
+            self._emitted = 0
+            self._updates.put_nowait(Update(UpdateKind.RESTART, attempt=name))
+        self._emit_ready()
+
+    def _chunk_at(self, index: int) -> TokenChunk | None:
+        """The chunk at `index` of the current attempt's stream, if it has arrived."""
+        current = self._attempts.get(self._current or "")
+        if current is None:
+            return None
+        for name, start, end in current.ranges(self._current or ""):
+            if start <= index < end:
+                source = self._attempts.get(name)
+                return source.chunks.get(index) if source is not None else None
+        return None
+
+    def _emit_ready(self) -> None:
+        while (chunk := self._chunk_at(self._emitted)) is not None:
             self._updates.put_nowait(
                 Update(UpdateKind.TEXT, text=chunk.text, attempt=chunk.attempt,
                        tokens=len(chunk.token_ids))
             )
-            attempt.emitted_to += max(1, len(chunk.token_ids))
+            self._emitted += max(1, len(chunk.token_ids))
 
     def _fail(self, error: BaseException) -> None:
         """The client can no longer follow the request (its reader failed)."""
@@ -142,10 +173,9 @@ class RequestHandle:
         outcome = self._outcome
         if outcome is None or self._done.is_set():
             return
-        if outcome.type is EventType.COMPLETED and outcome.usage is not None:
-            attempt = self._attempts.get(outcome.attempt or "", _Attempt())
-            if attempt.emitted_to < outcome.usage.completion_tokens:
-                return  # the outcome can overtake its last chunks (different topics): wait
+        usage = outcome.usage if outcome.type is EventType.COMPLETED else None
+        if usage is not None and self._emitted < usage.completion_tokens:
+            return  # the outcome can overtake its last chunks (different topics): wait
         self._done.set()
 
     # -- public
@@ -170,13 +200,17 @@ class RequestHandle:
                 getter.cancel()
 
     async def result(self, timeout: float | None = None) -> Result:
+        """The outcome, with the text of the attempt it names (through every attempt that one
+        resumed)."""
         await asyncio.wait_for(self._done.wait(), timeout)
         if self._error is not None:
             raise self._error
         outcome = self._outcome
         assert outcome is not None
-        attempt = self._attempts.get(outcome.attempt or "", _Attempt())
-        ordered = [attempt.chunks[i] for i in sorted(attempt.chunks)]
+        ordered, index = [], 0
+        while (chunk := self._chunk_at(index)) is not None:
+            ordered.append(chunk)
+            index += max(1, len(chunk.token_ids))
         return Result(
             request_id=self.request_id,
             outcome=outcome,
@@ -452,3 +486,13 @@ class StreamerClient:
             return  # not ours to judge: another producer's message on the topic
         if handle.done:  # the outcome is delivered: later messages are duplicates
             self._handles.pop(handle.request_id, None)
+
+
+def _agree(old: list[tuple[str, int, float]], new: list[tuple[str, int, float]],
+           upto: int) -> bool:
+    """Whether two attempts' streams have the same owner at every index below `upto`."""
+    def owner(ranges: list[tuple[str, int, float]], index: int) -> str | None:
+        return next((name for name, start, end in ranges if start <= index < end), None)
+
+    points = {start for _, start, _ in old + new if start < upto} | {0}
+    return all(owner(old, p) == owner(new, p) for p in points if p < upto)

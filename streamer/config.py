@@ -224,6 +224,18 @@ class WorkerConfig:
     what accumulated when the window has passed (0: every engine output as its own chunk)."""
     chunk_tokens: int = 64
     """A request's accumulated tokens are sent at once when this many are waiting."""
+    resume: bool = True
+    """Record each attempt's progress in the progress topic and continue an earlier attempt's
+    tokens when a request comes back (after a crash, a moved partition or a hand-back)."""
+    progress_tokens: int = 32
+    """A progress record after this many newly acknowledged tokens of an attempt (a crash
+    regenerates at most about this many per request)."""
+    progress_s: float = 2.0
+    """A progress record also when this many seconds passed since the last one (whichever of
+    progress_tokens and progress_s comes first)."""
+    progress_wait_s: float = 10.0
+    """After a rebalance, how long a request waits for its partition's progress to be read
+    before it starts from token 0 instead."""
     stall_timeout_s: float = 60.0
     """Work queued but no engine step finished for this long: /healthz fails, stages are logged."""
     log_prompts: bool = False
@@ -253,9 +265,9 @@ class WorkerConfig:
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             errors.append(f"metrics_port={self.metrics_port} is not a port")
         errors += _below(self, 1, "lane_capacity", "max_outstanding_outputs", "chunk_tokens",
-                         "max_poll_records")
+                         "max_poll_records", "progress_tokens")
         errors += _below(self, 0, "cancel_window_s", "shutdown_grace_s", "revoke_wait_s",
-                         "chunk_ms", "fetch_max_wait_ms")
+                         "chunk_ms", "fetch_max_wait_ms", "progress_s", "progress_wait_s")
 
         errors += [f"{name}={getattr(self, name)} must be > 0"
                    for name in ("shutdown_timeout_s", "stall_timeout_s", "commit_interval_s")

@@ -138,9 +138,29 @@ class ErrorInfo(Struct, frozen=True, kw_only=True):
     message: str
 
 
+class Segment(Struct, frozen=True, kw_only=True):
+    """Completion tokens [start, end) of a request, as published by `attempt`."""
+
+    attempt: str
+    start: int
+    end: int
+
+
+class Resumed(Struct, frozen=True, kw_only=True):
+    """On a `started` event: this attempt continues an earlier one instead of starting over.
+
+    Its first chunk has `index` = `index`; tokens [0, index) are the chunks named by `segments`
+    (in order, covering [0, index) exactly; the last one is `attempt`'s)."""
+
+    attempt: str  # the attempt it continues
+    index: int
+    segments: list[Segment]
+
+
 class Event(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A lifecycle event. `completed` adds text, finish_reason, usage, timings, metadata;
-    `failed` / `rejected` add error. Optional fields are omitted when not set."""
+    `failed` / `rejected` add error; `started` of a resumed attempt adds `resumed`. Optional
+    fields are omitted when not set."""
 
     request_id: str
     type: EventType
@@ -154,6 +174,32 @@ class Event(Struct, frozen=True, kw_only=True, omit_defaults=True):
     timings: Timings | None = None
     metadata: dict[str, Any] | None = None
     error: ErrorInfo | None = None
+    resumed: Resumed | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Progress (llm.progress): written and read by workers only
+
+
+class Progress(Struct, frozen=True, kw_only=True):
+    """How far an attempt got: the completion tokens whose chunks the broker acknowledged.
+
+    Keyed by request id on a compacted topic, in the partition of the request record (modulo the
+    topic's partition count), and tombstoned once the request's outcome is published. A worker
+    that is handed the same record (topic, partition, offset) continues from here."""
+
+    request_id: str
+    attempt: str
+    worker: str
+    ts: int  # epoch ms
+    topic: str  # the request record's
+    partition: int
+    offset: int
+    prompt_tokens: int
+    token_ids: list[int]
+    text_chars: int  # characters of text the chunks of token_ids carried
+    segments: list[Segment]  # who published [0, len(token_ids)), as in `Resumed.segments`
+    seed: int | None = None  # the base seed of its draws (sampled requests)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,6 +219,7 @@ _request_decoder = msgspec.json.Decoder(GenerationRequest)
 _control_decoder = msgspec.json.Decoder(ControlMessage)
 _event_decoder = msgspec.json.Decoder(Event)
 _chunk_decoder = msgspec.json.Decoder(TokenChunk)
+_progress_decoder = msgspec.json.Decoder(Progress)
 
 
 def encode(message: Struct) -> bytes:
@@ -185,6 +232,10 @@ def decode_event(data: bytes) -> Event:
 
 def decode_chunk(data: bytes) -> TokenChunk:
     return _chunk_decoder.decode(data)
+
+
+def decode_progress(data: bytes) -> Progress:
+    return _progress_decoder.decode(data)
 
 
 def decode_control(data: bytes) -> ControlMessage:
@@ -244,6 +295,10 @@ def events_topic(prefix: str) -> str:
 
 def control_topic(prefix: str) -> str:
     return f"{prefix}.control"
+
+
+def progress_topic(prefix: str) -> str:
+    return f"{prefix}.progress"
 
 
 def dlq_topic(prefix: str) -> str:

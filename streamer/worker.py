@@ -20,10 +20,11 @@ from typing import Any
 import structlog
 from aiokafka.errors import KafkaError
 
+from streamer import protocol
 from streamer.commits.committer import Committer
 from streamer.commits.offsets import OffsetTracker
 from streamer.config import WorkerConfig
-from streamer.egress.outcomes import Outcomes
+from streamer.egress.outcomes import Outcomes, ProgressPolicy
 from streamer.egress.publisher import Publisher
 from streamer.engine.engine import Engine
 from streamer.health.gauges import EngineGauges
@@ -31,6 +32,7 @@ from streamer.health.monitor import Health
 from streamer.intake.control import ControlListener
 from streamer.intake.fetch import TRANSIENT
 from streamer.intake.intake import Intake
+from streamer.intake.progress import ProgressStore
 from streamer.observability.http import MetricsServer
 from streamer.observability.metrics import WorkerMetrics, render
 from streamer.topics import apply_topics
@@ -52,7 +54,9 @@ class Worker:
         self.outcomes = Outcomes(
             self.publisher, self.metrics, self.name, lambda rid, f: self.intake.finished(rid, f),
             chunk_s=config.chunk_ms / 1000, chunk_tokens=config.chunk_tokens,
+            seed_of=self.engine.seed_of,
         )
+        self.progress: ProgressStore | None = None
         self.control = ControlListener(
             config.kafka, config.prefix, config.cancel_window_s, self._on_cancel
         )
@@ -67,7 +71,8 @@ class Worker:
             self.engine, self.metrics,
             probe=self.publisher.probe,
             assigned=lambda: self.intake.assigned,
-            control_alive=lambda: self.control.alive,
+            control_alive=lambda: self.control.alive and (
+                self.progress is None or self.progress.alive),
             on_tick=self.committer.refresh_lag,
             stall_timeout_s=config.stall_timeout_s,
             devices=config.engine.devices,
@@ -104,6 +109,7 @@ class Worker:
             await self.engine.start()
             self.engine.on_step = self.gauges.on_step
             await self.publisher.start()
+            await self._start_progress()
             await self.control.start()
             await self.intake.start()
             await self.committer.start()
@@ -147,6 +153,7 @@ class Worker:
             ("health", self.health.stop),
             ("committer", self.committer.stop),
             ("control", self.control.stop),
+            ("progress", self._stop_progress),
             ("consumer", lambda: self.intake.stop(timeout)),
             ("publisher", lambda: self.publisher.stop(timeout)),
             ("engine", self.engine.stop),
@@ -170,6 +177,26 @@ class Worker:
                 pending -= done
         finally:
             hurry.cancel()
+
+    async def _start_progress(self) -> None:
+        """Attempts record progress and resume from it, when the progress topic exists."""
+        cfg = self.config
+        if not cfg.resume:
+            return
+        topic = protocol.progress_topic(cfg.prefix)
+        partitions = await self.publisher.partitions_of(topic)
+        if not partitions:
+            self.log.warning("resume_disabled", reason=f"topic {topic} not found "
+                             "(create it with `streamer topics apply`)")
+            return
+        self.outcomes.progress = ProgressPolicy(partitions, cfg.progress_tokens, cfg.progress_s)
+        self.progress = ProgressStore(cfg.kafka, cfg.prefix, partitions)
+        await self.progress.start()
+        self.intake.progress = self.progress
+
+    async def _stop_progress(self) -> None:
+        if self.progress is not None:
+            await self.progress.stop()
 
     # ------------------------------------------------------------------ wiring
 

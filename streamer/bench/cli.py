@@ -73,6 +73,20 @@ def add_bench_parser(sub: Any) -> None:
                          "(default 0.25,0.5,0.75,1,1.5)")
     compare.set_defaults(func=cmd_compare)
 
+    failover = bsub.add_parser("failover", help="tokens generated twice when a worker joins or "
+                               "dies under load, with resumable attempts on and off")
+    failover.add_argument("--model", default=None,
+                          help="model folder (default: the tiny preset under .streamer/models)")
+    failover.add_argument("--requests", type=int, default=40)
+    failover.add_argument("--max-tokens", type=int, default=160)
+    failover.add_argument("--change-after", type=int, default=40,
+                          help="change the fleet once every request has this many tokens")
+    failover.add_argument("--scenarios", type=_names, default=("scale-up", "crash"))
+    failover.add_argument("--worker-flags", default="--torch-threads 1",
+                          help="extra `streamer worker` flags")
+    failover.add_argument("--out", type=Path, default=Path("bench-results/failover"))
+    failover.set_defaults(func=cmd_failover)
+
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `bench engine` (shared with `python -m streamer.bench.engine`)."""
@@ -224,6 +238,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     fractions = ((args.sweep_fractions or defaults["sweep_fractions"]) if args.sweep else ())
     return run_compare(_options(args), args.out, slo=parse_slo(args.slo),
                        sweep_fractions=fractions)
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    from streamer.bench.failover import run_failover_bench
+    from streamer.bench.suite import resolve_model
+
+    model = resolve_model(args.model, "tiny")
+    return run_failover_bench(model, args.out, requests=args.requests,
+                              max_tokens=args.max_tokens, change_after=args.change_after,
+                              scenarios=args.scenarios,
+                              worker_flags=shlex.split(args.worker_flags))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

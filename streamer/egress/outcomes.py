@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -19,6 +20,7 @@ from aiokafka.structs import ConsumerRecord
 from streamer import protocol
 from streamer.egress import events
 from streamer.egress.coalesce import Coalescer
+from streamer.egress.progress import ProgressTrail
 from streamer.egress.publisher import OutputTooLarge, Publisher, PublisherStopped
 from streamer.engine.outputs import OutputKind, RequestOutput, RequestStream
 from streamer.intake.flights import Flight
@@ -32,13 +34,27 @@ OnDone = Callable[[RecordId, Flight | None], None]
 """(record, flight) once an outcome for the record is acknowledged."""
 
 
+@dataclass(frozen=True)
+class ProgressPolicy:
+    """How attempts record progress: a record after `every_tokens` acknowledged tokens or
+    `every_s` seconds, in the progress topic's partition `request partition % partitions`."""
+
+    partitions: int
+    every_tokens: int
+    every_s: float
+
+
 class Outcomes:
     def __init__(
         self, publisher: Publisher, metrics: WorkerMetrics, worker: str, on_done: OnDone, *,
-        chunk_s: float = 0.0, chunk_tokens: int = 64,
+        chunk_s: float = 0.0, chunk_tokens: int = 64, progress: ProgressPolicy | None = None,
+        seed_of: Callable[[str], int | None] = lambda _: None,
     ) -> None:
         self.chunk_s = chunk_s
         self.chunk_tokens = chunk_tokens
+        self.progress = progress
+        """Where and how often attempts record their progress; None: they do not."""
+        self.seed_of = seed_of
         self.publisher = publisher
         self.metrics = metrics
         self.worker = worker
@@ -110,6 +126,7 @@ class Outcomes:
         acks: list[asyncio.Future[Any]] = []
         started = first_token = None
         produced = flight.record.timestamp / 1000
+        trail = self._trail(flight)
         try:
             acks.append(await self._event(flight, EventType.QUEUED, attempt=False))
             coalescer = Coalescer(self.chunk_s, self.chunk_tokens)
@@ -118,7 +135,8 @@ class Outcomes:
                 for out in due:
                     if out.kind is OutputKind.STARTED:
                         started = time.time()
-                        acks.append(await self._event(flight, EventType.STARTED))
+                        acks.append(await self._event(flight, EventType.STARTED,
+                                                      resumed=flight.resumed))
                         self.metrics.request_queue_time.labels(flight.priority).observe(
                             max(0.0, started - produced)
                         )
@@ -129,33 +147,52 @@ class Outcomes:
                             request_id=request.id, attempt=flight.attempt, index=out.index,
                             token_ids=out.token_ids, text=out.text,
                         )
-                        acks.append(await self.publisher.send_chunk(
+                        ack = await self.publisher.send_chunk(
                             chunk, priority=flight.priority, traceparent=flight.traceparent
-                        ))
+                        )
+                        acks.append(ack)
+                        if trail is not None:
+                            trail.chunk(out.token_ids, out.text, ack)
                         self.metrics.generation_tokens.inc(len(out.token_ids))
                     elif out.kind is OutputKind.PREEMPTED:
                         self.metrics.num_preemptions.inc()
                         acks.append(await self._event(flight, EventType.PREEMPTED))
                     elif out.kind is OutputKind.FINISHED:
                         clock = events.Clock(produced, started, first_token, time.time())
-                        await self._finish(flight, out, acks, clock, bound, is_current)
+                        await self._finish(flight, out, acks, clock, bound, is_current, trail)
                         return
         except PublisherStopped:
             bound.info("request_handed_back", reason="publisher stopped")
 
-    async def _event(self, flight: Flight, type_: EventType, attempt: bool = True
-                     ) -> asyncio.Future[Any]:
+    def _trail(self, flight: Flight) -> ProgressTrail | None:
+        policy = self.progress
+        if policy is None:
+            return None
+        record = flight.record
+        return ProgressTrail(
+            self.publisher, self.spawn, request_id=flight.request.id, attempt=flight.attempt,
+            record=(record.topic, record.partition, record.offset),
+            partition=record.partition % policy.partitions, prompt_tokens=flight.prompt_tokens,
+            resumed=flight.resumed, base=flight.resume_base, seed=self.seed_of(flight.request.id),
+            every_tokens=policy.every_tokens, every_s=policy.every_s,
+        )
+
+    async def _event(self, flight: Flight, type_: EventType, attempt: bool = True,
+                     **fields: Any) -> asyncio.Future[Any]:
         event = self.publisher.event(
             flight.request.id, type_, attempt=flight.attempt if attempt else None,
-            priority=flight.priority,
+            priority=flight.priority, **fields,
         )
         return await self.publisher.send_event(event, traceparent=flight.traceparent)
 
     async def _finish(
         self, flight: Flight, out: RequestOutput, acks: list[asyncio.Future[Any]],
         clock: events.Clock, bound: Any, is_current: Callable[[], bool],
+        trail: ProgressTrail | None,
     ) -> None:
         if out.finish_reason == "revoked":
+            if trail is not None:  # the next owner continues from every acknowledged token
+                await trail.hand_back()
             bound.info("request_handed_back")  # no outcome: its offset stays uncommitted
             return
         publish_began = time.time()
@@ -179,6 +216,8 @@ class Outcomes:
             return
         if not await self._deliver(event, flight.traceparent):
             return
+        if trail is not None:
+            await trail.clear()
         if event.type is EventType.FAILED:
             self.metrics.errors.labels(kind="model").inc()
         self._done(flight.rid, flight.priority, str(event.type), flight)

@@ -27,7 +27,7 @@ from aiokafka.errors import (
 from streamer import protocol
 from streamer.aio import cancel_and_wait
 from streamer.config import KafkaSettings
-from streamer.protocol import Event, EventType, TokenChunk
+from streamer.protocol import Event, EventType, Progress, TokenChunk
 from streamer.validation import record_size
 
 log = structlog.get_logger(__name__)
@@ -57,6 +57,7 @@ class _Delivery:
     value: bytes | None
     key: bytes | None
     headers: Headers
+    partition: int | None = None
     tries: int = 0
     done: asyncio.Future[Any] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -80,6 +81,7 @@ class Publisher:
         self.tokens_topic = protocol.tokens_topic(prefix)
         self.events_topic = protocol.events_topic(prefix)
         self.dlq_topic = protocol.dlq_topic(prefix)
+        self.progress_topic = protocol.progress_topic(prefix)
         self._producer = AIOKafkaProducer(
             **kafka.client_kwargs(),
             acks="all",
@@ -95,7 +97,7 @@ class Publisher:
         self._retries: set[asyncio.Task[None]] = set()
         self.retried = 0
         self._kinds = {self.tokens_topic: "tokens", self.events_topic: "events",
-                       self.dlq_topic: "dlq"}
+                       self.dlq_topic: "dlq", self.progress_topic: "progress"}
 
     async def start(self) -> None:
         if not self._started:
@@ -140,10 +142,11 @@ class Publisher:
     # ------------------------------------------------------------------ sending
 
     async def send(
-        self, topic: str, value: bytes | None, key: bytes | None, headers: Headers
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Headers,
+        partition: int | None = None,
     ) -> asyncio.Future[Any]:
         """Hand one message to the producer; the future resolves when the broker has it."""
-        delivery = _Delivery(topic, value, key, headers)
+        delivery = _Delivery(topic, value, key, headers, partition)
         size = record_size(value, headers) + len(key or b"")
         if size > self.max_bytes:
             delivery.done.set_exception(
@@ -162,7 +165,8 @@ class Publisher:
 
     async def _attempt(self, d: _Delivery) -> None:
         try:
-            ack = await self._producer.send(d.topic, d.value, key=d.key, headers=d.headers)
+            ack = await self._producer.send(d.topic, d.value, key=d.key, headers=d.headers,
+                                            partition=d.partition)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -237,6 +241,21 @@ class Publisher:
         return await self.send(
             self.events_topic, protocol.encode(event), event.request_id.encode(), headers
         )
+
+    async def send_progress(
+        self, request_id: str, progress: Progress | None, partition: int
+    ) -> asyncio.Future[Any]:
+        """A progress record, or the request's tombstone (None), in `partition` of the progress
+        topic: the partition of its request record, so its next owner finds it there."""
+        value = None if progress is None else protocol.encode(progress)
+        headers = protocol.output_headers(request_id, "progress" if progress else "tombstone")
+        return await self.send(self.progress_topic, value, request_id.encode(), headers,
+                               partition=partition)
+
+    async def partitions_of(self, topic: str) -> int | None:
+        """Partition count of a topic from the producer's metadata (None if it has none)."""
+        parts = await self._producer.partitions_for(topic)
+        return len(parts) if parts else None
 
     def event(self, request_id: str, type_: EventType, **fields: Any) -> Event:
         return Event(

@@ -27,9 +27,9 @@ from streamer.engine.kv.block_manager import BlockManager
 from streamer.engine.kv.pool import KVLayout
 from streamer.engine.limits import LimitError
 from streamer.engine.outputs import OutputKind, RequestOutput, RequestStream
-from streamer.engine.sampling import new_generator, sample
+from streamer.engine.sampling import base_seed, sample, token_seed
 from streamer.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
-from streamer.engine.sequence import SamplingParams, SeqStatus, Sequence
+from streamer.engine.sequence import Resume, SamplingParams, SeqStatus, Sequence
 from streamer.engine.shell import StageShell
 from streamer.engine.stages import Pipeline, Stage, StepBatch
 from streamer.protocol import ErrorCode
@@ -46,11 +46,16 @@ class Tracked:
     seq: Sequence
     stream: RequestStream
     detok: IncrementalDetokenizer
-    generator: torch.Generator | None
+    seed: int | None
+    """Base seed of the request's draws (None: greedy); token i draws with token_seed(seed, i)."""
     deadline_s: float | None  # epoch seconds
     abort_reason: str | None = None
     first_token_at: float | None = None
     started_announced: bool = False
+    carry: str = ""
+    """Resumed only: text the earlier attempt held back, prepended to the next chunk."""
+    skip: int = 0
+    """Resumed only: characters the earlier attempt published that this one has yet to decode."""
 
 
 class Engine:
@@ -205,8 +210,14 @@ class Engine:
         *,
         priority: int = 2,
         deadline_ms: int | None = None,
+        resume: Resume | None = None,
     ) -> RequestStream:
-        """Queue a tokenized request; its outputs arrive on the returned stream."""
+        """Queue a tokenized request; its outputs arrive on the returned stream.
+
+        With `resume` the sequence continues where an earlier attempt stopped: its tokens are
+        prefilled with the prompt and the first new token has index len(resume.token_ids)
+        (`stream.resumed_at`). A resume that cannot be continued (it already ended) is ignored
+        and the request starts from token 0 (`stream.resumed_at == 0`)."""
         assert self.scheduler is not None, "engine not started"
         if self.fatal is not None:
             raise RuntimeError(f"engine stopped after a fatal error: {self.fatal}")
@@ -235,13 +246,42 @@ class Engine:
             seq=seq,
             stream=stream,
             detok=IncrementalDetokenizer(self.tokenizer, stop=params.stop),
-            generator=new_generator(params),
+            seed=base_seed(params),
             deadline_s=deadline_ms / 1000 if deadline_ms is not None else None,
         )
+        if resume is not None and resume.token_ids:
+            self._resume(tracked, resume)
         self.scheduler.add(seq)
         self._tracked[request_id] = tracked
         self._wakeup.set()
         return stream
+
+    def _resume(self, tracked: Tracked, resume: Resume) -> None:
+        """Continue from `resume` when it is a state this request can be in, else start over."""
+        seq, params = tracked.seq, tracked.seq.params
+        tokens = list(resume.token_ids)
+        ended = len(tokens) >= params.max_tokens or (
+            not params.ignore_eos and any(t in self.eos_ids for t in tokens)
+        )
+        detok = IncrementalDetokenizer(self.tokenizer, stop=params.stop)
+        detok.push(tokens)
+        if ended or detok.stopped:
+            log.warning("resume_ignored", request_id=seq.request_id, tokens=len(tokens),
+                        reason="the earlier attempt had already ended")
+            return
+        seq.output_ids = tokens
+        tracked.detok = detok
+        released = len(detok.text)
+        tracked.carry = detok.text[resume.text_chars:]
+        tracked.skip = max(0, resume.text_chars - released)
+        if resume.seed is not None and params.seed is None and not params.greedy:
+            tracked.seed = resume.seed  # the draws of the earlier attempt's random seed
+        tracked.stream.resumed_at = len(tokens)
+
+    def seed_of(self, request_id: str) -> int | None:
+        """The base seed of a tracked request's draws (recorded with its progress)."""
+        tracked = self._tracked.get(request_id)
+        return tracked.seed if tracked is not None else None
 
     def abort(self, request_id: str, reason: str = "cancelled") -> bool:
         """Stop a request wherever it is; it finishes with `reason`. False if unknown."""
@@ -423,7 +463,7 @@ class Engine:
         tables: list[tuple[int, ...]] = []
         sample_rows: list[int] = []
         params: list[SamplingParams] = []
-        generators: list[torch.Generator | None] = []
+        seeds: list[int | None] = []
         row = 0
         for item in plan.items:
             seq, start, num = item.seq, item.start, item.num_tokens
@@ -434,7 +474,8 @@ class Engine:
             if item.sample:
                 sample_rows.append(row + num - 1)
                 params.append(seq.params)
-                generators.append(self._tracked[seq.request_id].generator)
+                seed = self._tracked[seq.request_id].seed
+                seeds.append(None if seed is None else token_seed(seed, len(seq.output_ids)))
             row += num
         as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
         return StepBatch(
@@ -443,7 +484,7 @@ class Engine:
             context_lens=context_lens,
             block_tables=tables,
             sample_rows=as_long(sample_rows),
-            sampler=lambda logits: sample(logits, params, generators),
+            sampler=lambda logits: sample(logits, params, seeds),
         )
 
     def _process(self, plan: StepPlan, result: list[int] | BaseException) -> None:
@@ -488,6 +529,10 @@ class Engine:
             text += tracked.detok.finish()
             if tracked.detok.stopped:  # an overlapping stop can be confirmed only by finish()
                 status = SeqStatus.FINISHED_STOPPED
+        if tracked.carry or tracked.skip:  # a resumed attempt lines its text up with the old one
+            text = tracked.carry + text
+            cut = min(tracked.skip, len(text))
+            text, tracked.carry, tracked.skip = text[cut:], "", tracked.skip - cut
         tracked.stream.put(
             RequestOutput(
                 seq.request_id, OutputKind.TOKENS, index=index, token_ids=[token], text=text

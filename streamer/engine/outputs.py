@@ -52,6 +52,8 @@ class RequestStream:
         self._pending: deque[RequestOutput] = deque()
         self._ready = asyncio.Event()
         self.finished = False
+        self.resumed_at = 0
+        """Index of the first token this attempt generates (> 0 when it resumes an earlier one)."""
 
     def put(self, output: RequestOutput) -> None:
         if self._pending and self._pending[-1].merge(output):

@@ -1,7 +1,9 @@
 """Turn logits into tokens with each request's own parameters.
 
-Greedy rows share one argmax. Sampled rows each use their own torch.Generator, seeded from the
-request, so a seeded request's tokens depend on the request alone, never on its batch-mates.
+Greedy rows share one argmax. A sampled row draws from a generator seeded by (the request's seed,
+the token's index): the token at index i depends on the request and i alone, never on its
+batch-mates nor on how many draws came before, so an attempt that resumes at index i on another
+worker draws exactly what the interrupted one would have (docs/protocol.md, "Resumed attempts").
 """
 
 from __future__ import annotations
@@ -13,13 +15,23 @@ import torch
 
 from streamer.engine.sequence import SamplingParams
 
+_MASK64 = (1 << 64) - 1
 
-def new_generator(params: SamplingParams) -> torch.Generator | None:
+
+def base_seed(params: SamplingParams) -> int | None:
+    """The seed a request's draws derive from: its own, a random one when it has none, None when
+    greedy (greedy ignores seed)."""
     if params.greedy:
-        return None  # greedy ignores seed
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-    return generator
+        return None
+    return params.seed if params.seed is not None else secrets.randbits(63)
+
+
+def token_seed(seed: int, index: int) -> int:
+    """The generator seed of the draw for token `index` (splitmix64 of the pair, 63 bits)."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -40,9 +52,10 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
+    seeds: Sequence[int | None],
 ) -> list[int]:
-    """logits: [n, V] float32 on any device -> one token id per row."""
+    """logits: [n, V] float32 on any device -> one token id per row. `seeds[i]` is row i's
+    `token_seed` (None for greedy rows)."""
     greedy = [i for i, p in enumerate(params) if p.greedy]
     tokens = [0] * len(params)
     if greedy:
@@ -51,10 +64,13 @@ def sample(
             tokens[i] = token
     if len(greedy) < len(params):
         cpu = logits.cpu()
+        generator = torch.Generator(device="cpu")
         for i, p in enumerate(params):
             if p.greedy:
                 continue
             row = filter_logits(cpu[i] / p.temperature, p.top_k, p.top_p)
             probs = torch.softmax(row, dim=-1)
-            tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+            seed = seeds[i]
+            generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+            tokens[i] = int(torch.multinomial(probs, 1, generator=generator).item())
     return tokens

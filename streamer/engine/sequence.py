@@ -37,6 +37,16 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where an earlier attempt of the request stopped: the completion tokens it published (and
+    the broker acknowledged), the characters of text they carried, and the seed it drew with."""
+
+    token_ids: tuple[int, ...]
+    text_chars: int
+    seed: int | None = None
+
+
 @dataclass(eq=False)
 class Sequence:
     """One request's tokens and its place in the schedule (its KV blocks are the BlockManager's,

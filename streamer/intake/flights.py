@@ -11,7 +11,7 @@ from aiokafka.structs import ConsumerRecord
 
 from streamer.engine.outputs import RequestStream
 from streamer.intake.records import RecordId, RecordKey
-from streamer.protocol import GenerationRequest
+from streamer.protocol import GenerationRequest, Resumed
 
 
 @dataclass(eq=False)
@@ -26,6 +26,10 @@ class Flight:
     prompt_tokens: int
     traceparent: bytes | None = None
     tokenize_s: float = 0.0
+    resumed: Resumed | None = None
+    """Set when this attempt continues an earlier one (its `started` event says so)."""
+    resume_base: tuple[list[int], int] = ([], 0)
+    """Resumed only: the earlier attempts' tokens and the characters of text they carried."""
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex)
     task: asyncio.Task[None] | None = None
 

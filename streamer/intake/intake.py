@@ -24,11 +24,13 @@ from streamer.egress import events
 from streamer.egress.outcomes import Outcomes
 from streamer.engine.engine import Engine
 from streamer.engine.limits import LimitError, TokenLimits
+from streamer.engine.sequence import Resume
 from streamer.intake.backpressure import Backpressure
 from streamer.intake.control import ControlListener
 from streamer.intake.fetch import Fetcher
 from streamer.intake.flights import Flight, Flights
 from streamer.intake.prepare import OFF_LOOP_CHARS, Prepared, prepare
+from streamer.intake.progress import ProgressStore
 from streamer.intake.records import RecentlyFinished, RecordId, header
 from streamer.protocol import ErrorCode, EventType, GenerationRequest
 from streamer.validation import DeadLetter, Rejection, parse_request, prompt_chars
@@ -68,6 +70,8 @@ class Intake:
         self.before_revoke: Callable[[], Awaitable[None]] | None = None
         """Set by the worker: commit what is finished before partitions move."""
         self.on_assignment: Callable[[], None] | None = None
+        self.progress: ProgressStore | None = None
+        """Set by the worker when attempts resume from recorded progress."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -169,10 +173,14 @@ class Intake:
             self._duplicate(record, rid, priority, request.id)
             return
         lane = self.lanes[record.topic][0]
+        progress = await self._progress_of(request, record, len(prepared.prompt_ids))
+        resume = None
+        if progress is not None:
+            resume = Resume(tuple(progress.token_ids), progress.text_chars, progress.seed)
         try:
             stream = self.engine.add(
                 request.id, prepared.prompt_ids, prepared.params, priority=lane,
-                deadline_ms=request.deadline_ms,
+                deadline_ms=request.deadline_ms, resume=resume,
             )
         except LimitError as exc:  # e.g. KV_BUDGET_EXCEEDED: it could never fit the KV cache
             self._reject(record, rid, priority, Rejection(request.id, exc.code, str(exc)))
@@ -182,8 +190,26 @@ class Intake:
             traceparent=protocol.valid_traceparent(header(record, "traceparent")),
             tokenize_s=tokenize_s,
         )
+        if progress is not None and stream.resumed_at:
+            flight.resumed = protocol.Resumed(
+                attempt=progress.attempt, index=stream.resumed_at, segments=progress.segments
+            )
+            flight.resume_base = (list(progress.token_ids), progress.text_chars)
+            log.info("request_resumed", request_id=request.id, attempt=flight.attempt,
+                     resumes=progress.attempt, index=stream.resumed_at, worker=progress.worker)
         self.flights.add(flight)
         flight.task = out.spawn(self._serve(flight))
+
+    async def _progress_of(self, request: GenerationRequest, record: ConsumerRecord[Any, Any],
+                           prompt_tokens: int) -> protocol.Progress | None:
+        """Recorded progress of this very record, if an earlier attempt left some."""
+        if self.progress is None:
+            return None
+        found = await self.progress.lookup(request.id, record.topic, record.partition,
+                                           record.offset, self.config.progress_wait_s)
+        if found is None or found.prompt_tokens != prompt_tokens:
+            return None  # none, or written for another rendering of the prompt: start over
+        return found
 
     async def _serve(self, flight: Flight) -> None:
         try:
@@ -278,6 +304,8 @@ class Intake:
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         now = {(tp.topic, tp.partition) for tp in assigned}
+        if self.progress is not None:
+            self.progress.own(now)
         moved, kept = self._revoked - now, self._revoked & now
         self._revoked = set()
         if moved:
