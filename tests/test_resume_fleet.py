@@ -162,3 +162,32 @@ async def test_a_sigterm_hand_back_loses_no_token(start_worker, client, tiny_mod
     revoked = {r.attempt for r in resumed}
     assert max(c.index + len(c.token_ids) for cs in chunks.values() for c in cs
                if c.attempt in revoked) == 5, "nothing past the hand-back point was published"
+
+
+async def test_a_rolling_restart_loses_nothing(start_worker, client, tiny_model, gate,
+                                               kafka_settings, prefix) -> None:
+    """Two workers replaced one at a time while every request is mid-generation: each old worker
+    hands its requests back with their progress, the new ones continue them, and every text is
+    exact. No request starts over."""
+    gate.hold()
+    old = [start_worker("--shutdown-grace-s", "0.5", "--progress-tokens", "1000",
+                        "--progress-s", "1000", gate=gate) for _ in range(2)]
+    prompts = [PROMPTS[i] + f" r{i}" for i in range(12)]
+    handles = [await client.submit(p, max_tokens=MAX_TOKENS, ignore_eos=True) for p in prompts]
+    await until(lambda: all(any(e.type is EventType.QUEUED for e in h.events) for h in handles),
+                what="all queued")
+    gate.hold_at(4)  # every request starts and holds at 4 tokens
+    await until(lambda: all(any(e.type is EventType.STARTED for e in h.events) for h in handles),
+                what="all running")
+    for worker in old:  # replace one worker at a time, as a Deployment's rolling update does
+        start_worker()
+        assert worker.terminate(timeout=60) == 0
+    results = await asyncio.gather(*(h.result(180) for h in handles))
+    expected = await asyncio.to_thread(
+        lambda: [greedy_text(tiny_model, p, MAX_TOKENS, ignore_eos=True) for p in prompts])
+    assert [r.text for r in results] == expected
+    for result in results:
+        assert result.outcome.worker in ("w2", "w3")
+        final = next(e for e in result.events if e.type is EventType.STARTED
+                     and e.attempt == result.outcome.attempt)
+        assert final.resumed is not None and final.resumed.index >= 4, "continued, not restarted"
