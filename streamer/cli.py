@@ -280,7 +280,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             if args.stop:
                 fields["stop"] = args.stop
             began = time.monotonic()
-            handle = await client.submit(args.prompt, priority=args.priority, **fields)
+            handle = await client.submit(args.prompt, priority=args.priority,
+                                         session=args.session, **fields)
             first = None
             async for update in handle.updates():
                 if update.kind is UpdateKind.TEXT:
@@ -410,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append")
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--session", help="Kafka key of the request (default: its id): requests of "
+                   "one session reach the worker whose prefix cache holds it")
     _add_common(p)
     p.set_defaults(func=cmd_submit)
 
