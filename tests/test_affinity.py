@@ -2,21 +2,33 @@
 
 A session key on the request record picks its partition, so one session's requests reach one
 worker, while outputs stay keyed by the request id. Workers run with `--no-apply-topics` and
-static membership (`--group-instance-id`), as the deploy files run them.
+static membership (`--group-instance-id`), as the deploy files run them. `streamer bench
+affinity` is checked end to end (slow: two fleets).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import uuid
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from conftest import WorkerProc, ids_on_every_partition, partition_of, partitions_of, until
+from conftest import (
+    ROOT,
+    WorkerProc,
+    ids_on_every_partition,
+    partition_of,
+    partitions_of,
+    until,
+)
 
 from streamer import protocol
+from streamer.bench.affinity import Turn, ceiling_hits
 from streamer.config import KafkaSettings
+from streamer.engine.model import load_tokenizer
 from streamer.protocol import EventType
 from streamer.topics import missing_topics, worker_topics
 
@@ -82,3 +94,40 @@ async def test_no_apply_topics_names_the_missing_topic_and_creates_nothing(
     assert f"streamer worker: topics missing: {tokens}. This worker does not create topics" in log
     assert "streamer topics apply" in log
     assert await missing_topics(kafka_settings, worker_topics(other)) == [tokens]
+
+
+def test_ceiling_counts_whole_blocks_of_the_previous_turn(tiny_model) -> None:
+    tokenizer = load_tokenizer(str(tiny_model))
+    first = [{"role": "system", "content": "model cache layer " * 12},
+             {"role": "user", "content": "what is a broker"}]
+    answer = tokenizer(" a broker is a partition", add_special_tokens=False).input_ids
+    second = [*first, {"role": "assistant", "content": tokenizer.decode(answer)},
+              {"role": "user", "content": "and an offset"}]
+    turns = [Turn(0, 0, first, outcome="completed", token_ids=tuple(answer)),
+             Turn(0, 1, second, outcome="completed", token_ids=(5, 6))]
+    ids = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
+                                         return_dict=False) for m in (first, second)]
+    hits, total = ceiling_hits(turns, tokenizer, block_size=16)
+    assert total == len(ids[0]) + len(ids[1])
+    assert hits % 16 == 0 and 16 <= hits <= len(ids[0]) + len(answer) - 1
+    assert ceiling_hits(turns[:1], tokenizer, block_size=16)[0] == 0  # a first turn never hits
+
+
+@pytest.mark.slow
+def test_bench_affinity_session_reaches_the_ceiling(tmp_path, tiny_model) -> None:
+    """Keyed by session, every turn finds its history cached: the fleet's hits are the
+    ceiling's; keyed by id they can only be fewer."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "streamer.cli", "bench", "affinity", "--model", str(tiny_model),
+         "--conversations", "3", "--turns", "3", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((out / "affinity.json").read_text())
+    session, by_id = data["modes"]["session"], data["modes"]["id"]
+    assert session["failed"] == by_id["failed"] == 0
+    assert session["queries"] == by_id["queries"] == data["ceiling_prompt_tokens"]
+    assert session["hits"] == data["ceiling_hits"] > 0
+    assert session["conversations_split"] == 0
+    assert by_id["hits"] <= session["hits"]
+    assert "| session |" in (out / "affinity.md").read_text()
