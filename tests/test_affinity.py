@@ -131,3 +131,14 @@ def test_bench_affinity_session_reaches_the_ceiling(tmp_path, tiny_model) -> Non
     assert session["conversations_split"] == 0
     assert by_id["hits"] <= session["hits"]
     assert "| session |" in (out / "affinity.md").read_text()
+
+
+def test_bench_affinity_flags() -> None:
+    from streamer.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["bench", "affinity", "--modes", "session", "--turns", "2"])
+    assert args.modes == ("session",) and args.turns == 2 and callable(args.func)
+    assert args.worker_flags == "--assignor range"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "affinity", "--modes", "session,tenant"])
