@@ -83,17 +83,28 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from streamer.topics import apply_topics, load_specs
+    from streamer.topics import TopicsError, apply_topics, load_specs, missing_topics
 
     if args.action == "list":
         for spec in load_specs(args.prefix):
             print(
                 f"{spec.name:28} partitions={spec.partitions:<3} "
+                f"rf={spec.replication_factor} min_isr={spec.min_insync_replicas} "
                 f"retention_ms={spec.retention_ms:<11}"
                 f" {spec.purpose}"
             )
         return 0
-    report = asyncio.run(apply_topics(_kafka(args), args.prefix, args.replication_factor))
+    if args.action == "check":
+        names = [spec.name for spec in load_specs(args.prefix)]
+        missing = asyncio.run(missing_topics(_kafka(args), names))
+        for name in names:
+            print(f"{'missing' if name in missing else 'ok':9} {name}")
+        return 1 if missing else 0
+    try:
+        report = asyncio.run(apply_topics(_kafka(args), args.prefix, args.replication_factor))
+    except TopicsError as exc:
+        print(f"streamer topics: {exc}", file=sys.stderr)
+        return 2
     for line in report.lines():
         print(line)
     return 0
@@ -129,14 +140,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, worker.request_stop)
         await worker.run()
 
-    in_use = None
+    from streamer.topics import TopicsError
+
+    in_use = missing = None
     try:
         asyncio.run(main())
     except* MetricsPortInUse as group:
         in_use = _first(group)
+    except* TopicsError as group:
+        missing = _first(group)
     if in_use is not None:
         print(f"streamer worker: {in_use}", file=sys.stderr)
         return 2
+    if missing is not None:
+        print(f"streamer worker: {missing}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -280,7 +298,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             if args.stop:
                 fields["stop"] = args.stop
             began = time.monotonic()
-            handle = await client.submit(args.prompt, priority=args.priority, **fields)
+            handle = await client.submit(args.prompt, priority=args.priority,
+                                         session=args.session, **fields)
             first = None
             async for update in handle.updates():
                 if update.kind is UpdateKind.TEXT:
@@ -332,9 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_top_parser(sub)
 
-    p = sub.add_parser("topics", help="topics as code")
-    p.add_argument("action", choices=["apply", "list"])
-    p.add_argument("--replication-factor", type=int, help="override the specs' replication factor")
+    p = sub.add_parser(
+        "topics", help="topics as code: apply, list, check",
+        description="apply: create the topics of topics/*.yaml that are missing and report "
+        "existing ones that differ (never changes them). list: the specs. check: exit 1 if any "
+        "topic is missing (creates nothing).")
+    p.add_argument("action", choices=["apply", "list", "check"])
+    p.add_argument("--replication-factor", type=int,
+                   help="replication factor of created topics, instead of the specs' (3); an "
+                   "error when the cluster has fewer brokers. Without it the specs' factor is "
+                   "lowered to the broker count (a `clamped` line says so)")
     _add_common(p)
     p.set_defaults(func=cmd_topics)
 
@@ -410,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append")
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--session", help="Kafka key of the request (default: its id): requests of "
+                   "one session reach the worker whose prefix cache holds it")
     _add_common(p)
     p.set_defaults(func=cmd_submit)
 

@@ -311,11 +311,17 @@ class StreamerClient:
         request_id: str | None = None,
         messages: list[dict[str, str]] | None = None,
         headers: list[tuple[str, bytes]] | None = None,
+        session: str | None = None,
         **fields: Any,
     ) -> RequestHandle:
         """Produce a request on `<prefix>.requests.<priority>` and return its handle.
 
-        The partitions its outputs land on are read (from their ends) before it is produced."""
+        The partitions its outputs land on are read (from their ends) before it is produced.
+        `session` keys the request record (default: its id): requests of one session land on one
+        partition, so on the worker whose prefix cache holds their shared prefix. Outputs are
+        keyed by the id whatever the key (docs/protocol.md, "Prefix-affine routing")."""
+        if session is not None and not session:
+            raise ValueError("session must be a non-empty string (or None: key by the id)")
         if priority not in protocol.PRIORITIES:
             raise ValueError(f"priority {priority!r}; expected one of {protocol.PRIORITIES}")
         request_id = request_id or uuid.uuid4().hex
@@ -327,7 +333,8 @@ class StreamerClient:
         await self._cover(request_id)
         handle.since_ms = protocol.now_ms()
         await self.produce_raw(
-            protocol.encode(request), priority=priority, key=request_id.encode(), headers=headers
+            protocol.encode(request), priority=priority, key=(session or request_id).encode(),
+            headers=headers,
         )
         return handle
 

@@ -187,7 +187,9 @@ class WorkerConfig:
     worker_id: str = ""
     """Name on events and logs; empty: a random one."""
     group_instance_id: str | None = None
-    """Static membership id for rolling restarts (unique per worker)."""
+    """Static membership (Kafka's group.instance.id): a stable id per worker, e.g. a
+    StatefulSet pod name, so a worker restarted within the session timeout gets its partitions
+    back without a rebalance; none: dynamic membership."""
     assignor: str = "sticky"
     """Partition assignor of the consumer group: sticky (partitions stay with their owner when
     members join or leave; round-robin is offered too, so a group that still has older workers
@@ -241,7 +243,10 @@ class WorkerConfig:
     log_prompts: bool = False
     """Log prompt text (debugging only; prompts are never logged otherwise)."""
     apply_topics: bool = True
-    """Create missing topics at start (the embedded broker loses them on restart)."""
+    """Create missing topics at start, as `streamer topics apply` does (development: the
+    embedded broker loses them on restart). Off (`--no-apply-topics`, what the deploy files
+    set): create nothing, check that every topic the worker uses exists, and exit 1 naming the
+    missing ones."""
 
     @property
     def consumer_group(self) -> str:

@@ -35,7 +35,7 @@ from streamer.intake.intake import Intake
 from streamer.intake.progress import ProgressStore
 from streamer.observability.http import MetricsServer
 from streamer.observability.metrics import WorkerMetrics, render
-from streamer.topics import apply_topics
+from streamer.topics import TopicsError, apply_topics, missing_topics, worker_topics
 
 log = structlog.get_logger(__name__)
 
@@ -102,10 +102,7 @@ class Worker:
             await self.server.start()
             self.log.info("metrics_listening", port=self.server.port)
             self.metrics.set_info(version=_version(), model=cfg.engine.model, worker=self.name)
-            if cfg.apply_topics:
-                report = await apply_topics(cfg.kafka, cfg.prefix)
-                for line in report.lines():
-                    self.log.info("topic", state=line)
+            await self._topics()
             await self.engine.start()
             self.engine.on_step = self.gauges.on_step
             await self.publisher.start()
@@ -119,6 +116,21 @@ class Worker:
             await self._intake_loop()
         finally:
             await self._shutdown()
+
+    async def _topics(self) -> None:
+        """Create missing topics (development), or check that they exist and fail if not: a
+        production worker must never create a topic (nor let a metadata request do it)."""
+        cfg = self.config
+        if cfg.apply_topics:
+            for line in (await apply_topics(cfg.kafka, cfg.prefix)).lines():
+                self.log.info("topic", state=line)
+            return
+        missing = await missing_topics(cfg.kafka, worker_topics(cfg.prefix))
+        if missing:
+            self.log.error("topics_missing", topics=missing)
+            raise TopicsError(
+                f"topics missing: {', '.join(missing)}. This worker does not create topics "
+                f"(--no-apply-topics): run `streamer topics apply --prefix {cfg.prefix}` first")
 
     async def _intake_loop(self) -> None:
         backoff = 0.1

@@ -293,6 +293,8 @@ def test_compose_services_and_wiring() -> None:
 
     topics = services["topics"]
     assert topics["command"][:2] == ["topics", "apply"]
+    # One Kafka broker: the specs' replication factor 3 cannot fit, so ask for 1 explicitly.
+    assert topics["command"][topics["command"].index("--replication-factor") + 1] == "1"
     assert topics["depends_on"]["kafka"]["condition"] == "service_healthy"
 
     model_init = services["model-init"]
@@ -305,6 +307,7 @@ def test_compose_services_and_wiring() -> None:
     assert "build" in worker
     command = worker["command"]
     assert command[0] == "worker"
+    assert "--no-apply-topics" in command, "the topics job creates topics, workers never do"
     assert command[command.index("--model") + 1] == "/models/tiny"
     assert worker["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert any(v.startswith("models:/models") for v in worker["volumes"])
@@ -412,6 +415,7 @@ def test_k8s_deployment_probes_and_config() -> None:
     assert worker["args"][0] == "worker"
     assert worker["args"][worker["args"].index("--group") + 1] == CONSUMER_GROUP
     assert worker["args"][worker["args"].index("--prefix") + 1] == "llm"
+    assert "--no-apply-topics" in worker["args"], "topics-job.yaml creates topics, workers never"
     assert {"configMapRef": {"name": docs["ConfigMap"]["metadata"]["name"]}} in worker["envFrom"]
 
     for probe, path in (
@@ -471,3 +475,49 @@ def test_podmonitor_selects_worker_pods_on_metrics_port() -> None:
     assert endpoint["path"] == "/metrics"
     # Same job label as the Compose scrape config, so alerts and dashboard work unchanged.
     assert {"targetLabel": "job", "replacement": SCRAPE_JOB} in endpoint["relabelings"]
+
+
+def test_k8s_topics_job_creates_production_topics() -> None:
+    docs = _k8s_docs()
+    job = docs["Job"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] in ("OnFailure", "Never")
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[:2] == ["topics", "apply"]
+    assert args[args.index("--prefix") + 1] == "llm"
+    # Explicit, so a cluster with fewer brokers fails the Job instead of being clamped to.
+    assert int(args[args.index("--replication-factor") + 1]) == 3
+    assert {"configMapRef": {"name": docs["ConfigMap"]["metadata"]["name"]}} in container["envFrom"]
+    deployment = docs["Deployment"]["spec"]["template"]["spec"]
+    (worker,) = [c for c in deployment["containers"] if c["name"] == "worker"]
+    assert container["image"] == worker["image"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_keda_scales_up_one_pod_at_a_time() -> None:
+    behavior = _k8s_docs()["ScaledObject"]["spec"]["advanced"]["horizontalPodAutoscalerConfig"][
+        "behavior"]
+    up = behavior["scaleUp"]
+    assert up["policies"] and all(p["type"] == "Pods" and p["value"] == 1 for p in up["policies"])
+    assert up.get("selectPolicy", "Max") != "Disabled"
+    down = behavior["scaleDown"]
+    assert all(p["type"] == "Pods" and p["value"] == 1 for p in down["policies"])
+
+
+def test_k8s_statefulset_example_is_the_deployment_with_static_membership() -> None:
+    docs = {d["kind"]: d for d in yaml.safe_load_all((K8S / "statefulset.yaml").read_text()) if d}
+    sts, service = docs["StatefulSet"], docs["Service"]
+    assert sts["spec"]["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    deployment = _k8s_docs()["Deployment"]
+    assert sts["spec"]["selector"] == deployment["spec"]["selector"]
+    template = sts["spec"]["template"]
+    (worker,) = [c for c in template["spec"]["containers"] if c["name"] == "worker"]
+    static = [e for e in worker["env"] if e["name"] == "STREAMER_GROUP_INSTANCE_ID"]
+    assert static == [{"name": "STREAMER_GROUP_INSTANCE_ID",
+                       "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    # Otherwise the same pod as deployment.yaml, so the two cannot drift apart.
+    worker["env"] = [e for e in worker["env"] if e not in static]
+    assert template == deployment["spec"]["template"]
+    assert "statefulset.yaml" not in _load_yaml(K8S / "kustomization.yaml")["resources"]

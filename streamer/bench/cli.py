@@ -1,4 +1,4 @@
-"""`streamer bench engine | serve | compare`: flags and dispatch (the work is in sibling modules).
+"""`streamer bench engine | serve | compare | affinity`: flags and dispatch (work: sibling modules).
 
 Results go to files under `--out` (default bench-results/): JSON with everything (machine,
 versions, config, seed, per-system figures), a Markdown summary, and PNG plots for `compare`.
@@ -58,6 +58,32 @@ def add_bench_parser(sub: Any) -> None:
     serve.add_argument("--no-progress", action="store_true", help="no progress bar")
     serve.add_argument("--out", type=Path, default=DEFAULT_OUT)
     serve.set_defaults(func=cmd_serve)
+
+    affinity = bsub.add_parser(
+        "affinity", help="prefix-cache hit ratio of multi-turn conversations on a local fleet, "
+        "keyed by session vs keyed by id",
+        description="Runs the same multi-turn conversations on a fresh local fleet (embedded "
+        "broker, N workers) once per mode: requests keyed by their conversation (session) and "
+        "keyed by their id; reports the fleet's prefix-cache hit ratio from the workers' "
+        "counters, and the ceiling one never-evicting cache would reach.")
+    affinity.add_argument("--conversations", type=int, default=16)
+    affinity.add_argument("--turns", type=int, default=4)
+    affinity.add_argument("--system-words", type=int, default=48,
+                          help="each conversation's own system prompt (default 48)")
+    affinity.add_argument("--user-words", type=int, default=24, help="per user turn (default 24)")
+    affinity.add_argument("--max-tokens", type=int, default=24, help="per answer (default 24)")
+    affinity.add_argument("--workers", type=int, default=2)
+    affinity.add_argument("--model", help="model folder (default: the preset's offline model)")
+    affinity.add_argument("--preset", choices=["tiny", "bench"], default="tiny")
+    affinity.add_argument("--threads", type=int, help="torch threads per worker")
+    affinity.add_argument("--worker-flags", default="--assignor range",
+                          help="extra `streamer worker` flags (default '--assignor range': "
+                          "each lane's partitions split evenly between the workers)")
+    affinity.add_argument("--modes", type=_names_of(("session", "id")), default=("session", "id"))
+    affinity.add_argument("--seed", type=int, default=0)
+    affinity.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    affinity.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    affinity.set_defaults(func=cmd_affinity)
 
     compare = bsub.add_parser("compare", help="ceiling, engine, fleet via Kafka, static and HF "
                               "continuous batching on one workload, with plots")
@@ -180,6 +206,16 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+def _names_of(known: tuple[str, ...]) -> Any:
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(x.strip() for x in text.split(",") if x.strip())
+        if not names or set(names) - set(known):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected some of {', '.join(known)}")
+        return names
+
+    return parse
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
@@ -249,6 +285,20 @@ def cmd_failover(args: argparse.Namespace) -> int:
                               max_tokens=args.max_tokens, change_after=args.change_after,
                               scenarios=args.scenarios,
                               worker_flags=shlex.split(args.worker_flags))
+
+
+def cmd_affinity(args: argparse.Namespace) -> int:
+    from streamer.bench.affinity import AffinitySpec, run_affinity_bench
+    from streamer.bench.suite import apply_threads, resolve_model
+
+    apply_threads(args.threads)
+    spec = AffinitySpec(conversations=args.conversations, turns=args.turns,
+                        system_words=args.system_words, user_words=args.user_words,
+                        max_tokens=args.max_tokens, seed=args.seed)
+    return run_affinity_bench(spec, model=resolve_model(args.model, args.preset),
+                              workers=args.workers, worker_flags=shlex.split(args.worker_flags),
+                              threads=args.threads, modes=args.modes, out=args.out,
+                              timeout_s=args.timeout)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

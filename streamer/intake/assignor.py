@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
 from aiokafka.coordinator.protocol import (
@@ -67,7 +67,7 @@ class LaneStickyAssignor(AbstractPartitionAssignor):
 
     name = "streamer-lane-sticky"
     version = 0
-    _owned: dict[str, list[int]] = {}  # what this process's member owns (one worker per process)
+    _owned: ClassVar[dict[str, list[int]]] = {}  # what this process's member owns
 
     @classmethod
     def assign(cls, cluster: Any, members: Mapping[str, ConsumerProtocolMemberMetadata]
