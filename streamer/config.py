@@ -168,7 +168,7 @@ class EngineConfig:
             raise ValueError("; ".join(errors))
 
 
-ASSIGNORS = ("sticky", "roundrobin", "range")
+ASSIGNORS = ("sticky", "aiokafka-sticky", "roundrobin", "range")
 
 
 @dataclass(frozen=True)
@@ -191,9 +191,11 @@ class WorkerConfig:
     StatefulSet pod name, so a worker restarted within the session timeout gets its partitions
     back without a rebalance; none: dynamic membership."""
     assignor: str = "sticky"
-    """Partition assignor of the consumer group: sticky (partitions stay with their owner when
-    members join or leave; round-robin is offered too, so a group that still has older workers
-    agrees on it), roundrobin or range."""
+    """Partition assignor of the consumer group: sticky (each lane's partitions split evenly,
+    and members keep the ones they own when others join or leave; aiokafka's sticky and
+    round-robin are offered too, so a group that still has older workers agrees on one),
+    aiokafka-sticky (balances the count over all lanes together: a lane can land on one worker),
+    roundrobin or range."""
     metrics_port: int | None = None
     """Port of Prometheus /metrics, /healthz and /readyz. none: 9400, or a free port (logged as
     metrics_listening) when 9400 is taken; a port given is used exactly (an error when taken);

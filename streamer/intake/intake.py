@@ -347,8 +347,11 @@ def assignors(name: str) -> tuple[type, ...]:
     from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
     from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 
+    from streamer.intake.assignor import LaneStickyAssignor
+
     return {
-        "sticky": (StickyPartitionAssignor, RoundRobinPartitionAssignor),
+        "sticky": (LaneStickyAssignor, StickyPartitionAssignor, RoundRobinPartitionAssignor),
+        "aiokafka-sticky": (StickyPartitionAssignor, RoundRobinPartitionAssignor),
         "roundrobin": (RoundRobinPartitionAssignor,),
         "range": (RangePartitionAssignor,),
     }[name]
