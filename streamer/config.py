@@ -143,6 +143,13 @@ class EngineConfig:
     test_gate: str | None = None
     """Test-only: path of a gate file that holds engine steps while it exists (see
     docs/testing.md). Production never sets it."""
+    warmup: bool = True
+    """Before the worker turns ready, run prefill and decode steps at the sizes it will use
+    (one-time allocations and kernel selection), so the first request is as fast as the tenth.
+    Nothing it computes stays reachable: no prefix-cache entry, no output (docs/operations.md)."""
+    compile: bool = False
+    """torch.compile each stage's decoder layers (measured in docs/benchmarks.md: on CPU it does
+    not pay, so it is off). If compiling fails the worker logs it and runs uncompiled."""
 
     def validate(self) -> None:
         errors = []
@@ -164,6 +171,45 @@ class EngineConfig:
         errors += _below(self, 0, "aging_s")
         if not 0 < self.kv_cache_fraction <= 1:
             errors.append(f"kv_cache_fraction={self.kv_cache_fraction} must be in (0, 1]")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Result cache for deterministic requests (greedy, or sampled with a seed): a repeated
+    request is answered from L1 (memory), L2 (Redis) or L3 (disk) without the engine
+    (docs/cache.md)."""
+
+    enabled: bool = field(default=False, metadata={"flag": "--cache", "env": "STREAMER_CACHE"})
+    """Serve repeated deterministic requests from the cache, and fill it on every miss."""
+    l1_bytes: int = 64 << 20
+    """L1, in this process: least recently used entries are evicted past this many bytes."""
+    redis_url: str | None = field(default=None, repr=False,
+                                  metadata={"env": "STREAMER_REDIS_URL", "flag": "--redis-url"})
+    """L2: a Redis server shared by the fleet, e.g. redis://cache:6379/0; none: no L2. May hold
+    a password, so it is never printed."""
+    l2_ttl_s: float = 86_400.0
+    """L2 entries expire this long after they were written (Redis evicts by its own maxmemory
+    policy before that)."""
+    redis_timeout_s: float = 0.25
+    """Bound on each Redis call: past it the call counts as an error and the lookup as a miss."""
+    l3_path: str | None = None
+    """L3: a directory for the on-disk cache (SQLite, shareable by the workers of one host);
+    none: no L3."""
+    l3_bytes: int = 1 << 30
+    """L3 size bound: least recently used entries are evicted past it."""
+    l3_ttl_s: float = 604_800.0
+    """L3 entries expire this long after they were written."""
+
+    def validate(self) -> None:
+        errors = _below(self, 0, "l1_bytes", "l3_bytes")
+        errors += [f"{name}={getattr(self, name)} must be > 0"
+                   for name in ("l2_ttl_s", "redis_timeout_s", "l3_ttl_s")
+                   if getattr(self, name) <= 0]
+        if self.redis_url is not None and not self.redis_url.startswith(
+                ("redis://", "rediss://", "unix://")):
+            errors.append("redis_url must start with redis://, rediss:// or unix://")
         if errors:
             raise ValueError("; ".join(errors))
 
@@ -204,6 +250,8 @@ class WorkerConfig:
     """Waiting requests held per priority lane before its partitions are paused."""
     limits: RequestLimits = field(default_factory=RequestLimits)
     """Limits applied to every request record before tokenizing."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The result cache (off by default)."""
     cancel_window_s: float = 600.0
     """How long cancels are remembered (and replayed on start)."""
     shutdown_grace_s: float = 30.0
@@ -260,7 +308,7 @@ class WorkerConfig:
 
     def validate(self) -> None:
         errors = []
-        for part in (self.engine, self.kafka, self.limits):
+        for part in (self.engine, self.kafka, self.limits, self.cache):
             try:
                 part.validate()
             except ValueError as exc:

@@ -104,6 +104,7 @@ class GenerationRequest(Struct, frozen=True, kw_only=True, omit_defaults=True):
     ignore_eos: bool = False
     deadline_ms: Annotated[int, Meta(ge=0)] | None = None
     metadata: dict[str, Any] | None = None
+    cache: bool = True  # False: never answered from the result cache, nor stored in it
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,12 +126,13 @@ class Usage(Struct, frozen=True, kw_only=True):
     completion_tokens: int
 
 
-class Timings(Struct, frozen=True, kw_only=True):
+class Timings(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Milliseconds measured from the request record's Kafka timestamp (the producer's clock)."""
 
     queue_ms: float
     ttft_ms: float | None
     e2e_ms: float
+    cache: Literal["l1", "l2", "l3"] | None = None  # set when served from the result cache
 
 
 class ErrorInfo(Struct, frozen=True, kw_only=True):

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Union, get_args, get_origin, get_type_hints
 
-from streamer.config import EngineConfig, KafkaSettings, WorkerConfig
+from streamer.config import CacheConfig, EngineConfig, KafkaSettings, WorkerConfig
 from streamer.validation import RequestLimits
 
 
@@ -40,6 +40,7 @@ SECTIONS = (
     Section("", WorkerConfig, "STREAMER_", "--", "Worker"),
     Section("limits", RequestLimits, "STREAMER_", "--", "Request limits"),
     Section("kafka", KafkaSettings, "STREAMER_KAFKA_", "--kafka-", "Kafka"),
+    Section("cache", CacheConfig, "STREAMER_CACHE_", "--cache-", "Result cache"),
 )
 """Every section, in documentation order. A field's names can be changed with field metadata:
 "env", "flag" (None: environment only) and "aliases" (more flags)."""

@@ -21,6 +21,7 @@ import structlog
 from aiokafka.errors import KafkaError
 
 from streamer import protocol
+from streamer.cache.serving import ResultCache
 from streamer.commits.committer import Committer
 from streamer.commits.offsets import OffsetTracker
 from streamer.config import WorkerConfig
@@ -63,6 +64,8 @@ class Worker:
         self.intake = Intake(
             config, self.name, self.engine, self.outcomes, self.offsets, self.control
         )
+        self.cache = ResultCache(config.cache, config.engine, self.metrics) \
+            if config.cache.enabled else None
         self.committer = Committer(lambda: self.intake.consumer, self.offsets, self.metrics,
                                    interval_s=config.commit_interval_s)
         self.intake.before_revoke = self.committer.commit
@@ -105,6 +108,9 @@ class Worker:
             await self._topics()
             await self.engine.start()
             self.engine.on_step = self.gauges.on_step
+            if self.cache is not None:
+                await self.cache.start()
+                self.intake.cache = self.cache
             await self.publisher.start()
             await self._start_progress()
             await self.control.start()
@@ -168,6 +174,7 @@ class Worker:
             ("progress", self._stop_progress),
             ("consumer", lambda: self.intake.stop(timeout)),
             ("publisher", lambda: self.publisher.stop(timeout)),
+            ("cache", self._stop_cache),
             ("engine", self.engine.stop),
             ("metrics_server", self.server.stop),
         ):
@@ -205,6 +212,10 @@ class Worker:
         self.progress = ProgressStore(cfg.kafka, cfg.prefix, partitions)
         await self.progress.start()
         self.intake.progress = self.progress
+
+    async def _stop_cache(self) -> None:
+        if self.cache is not None:
+            await self.cache.stop()
 
     async def _stop_progress(self) -> None:
         if self.progress is not None:

@@ -39,12 +39,13 @@ def truncate(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
-def timings(clock: Clock) -> Timings:
+def timings(clock: Clock, cache: Any = None) -> Timings:
     ms = lambda t: round((t - clock.produced) * 1000, 3)  # noqa: E731
     return Timings(
         queue_ms=ms(clock.started or clock.now),
         ttft_ms=ms(clock.first_token) if clock.first_token else None,
         e2e_ms=ms(clock.now),
+        cache=cache,
     )
 
 
@@ -61,8 +62,10 @@ def outcome(
     clock: Clock,
     metadata: dict[str, Any] | None = None,
     error: str | None = None,
+    cache: str | None = None,
 ) -> Event:
-    """The terminal event of an attempt that the engine finished (any reason but `revoked`)."""
+    """The terminal event of an attempt that the engine finished (any reason but `revoked`), or
+    that the result cache answered (`cache`: the level, on `timings`)."""
     event_type = TERMINAL_BY_REASON.get(finish_reason, EventType.FAILED)
     fields: dict[str, Any] = {"attempt": attempt, "priority": priority, "metadata": metadata}
     if event_type is EventType.COMPLETED:
@@ -70,7 +73,7 @@ def outcome(
             text=text,
             finish_reason=FinishReason(finish_reason),
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
-            timings=timings(clock),
+            timings=timings(clock, cache),
         )
     elif event_type is EventType.FAILED:
         fields["error"] = ErrorInfo(

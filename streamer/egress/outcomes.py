@@ -129,7 +129,9 @@ class Outcomes:
         trail = self._trail(flight)
         try:
             acks.append(await self._event(flight, EventType.QUEUED, attempt=False))
-            coalescer = Coalescer(self.chunk_s, self.chunk_tokens)
+            hit = flight.cache is not None and flight.cache.level is not None
+            # A replay sends each stored chunk as it was (window 0: no merging).
+            coalescer = Coalescer(0.0 if hit else self.chunk_s, self.chunk_tokens)
             async for arrived, now in _timed(flight.stream, coalescer):
                 due = coalescer.take(now) if arrived is None else coalescer.push(arrived, now)
                 for out in due:
@@ -151,6 +153,8 @@ class Outcomes:
                             chunk, priority=flight.priority, traceparent=flight.traceparent
                         )
                         acks.append(ack)
+                        if flight.cache is not None:
+                            flight.cache.chunk(out.token_ids, out.text)
                         if trail is not None:
                             trail.chunk(out.token_ids, out.text, ack)
                         self.metrics.generation_tokens.inc(len(out.token_ids))
@@ -207,6 +211,7 @@ class Outcomes:
             text=out.final_text or "", prompt_tokens=out.num_prompt_tokens,
             completion_tokens=out.num_completion_tokens, clock=clock,
             metadata=request.metadata, error=out.error,
+            cache=flight.cache.level if flight.cache is not None else None,
         )
         if errors:  # a chunk that can never be produced: the attempt cannot be read in full
             event = events.output_too_large(event, self.publisher.max_bytes)
@@ -221,6 +226,8 @@ class Outcomes:
         if event.type is EventType.FAILED:
             self.metrics.errors.labels(kind="model").inc()
         self._done(flight.rid, flight.priority, str(event.type), flight)
+        if flight.cache is not None and not errors:  # a miss that completed fills the cache
+            flight.cache.completed(event)
         self._observe(flight, out, event.type, clock)
         done = time.time()
         ms = lambda a, b: round(max(0.0, b - a) * 1000, 1) if a and b else None  # noqa: E731

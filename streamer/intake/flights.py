@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka.structs import ConsumerRecord
 
 from streamer.engine.outputs import RequestStream
 from streamer.intake.records import RecordId, RecordKey
 from streamer.protocol import GenerationRequest, Resumed
+
+if TYPE_CHECKING:
+    from streamer.cache.serving import Cached
 
 
 @dataclass(eq=False)
@@ -32,6 +35,8 @@ class Flight:
     """Resumed only: the earlier attempts' tokens and the characters of text they carried."""
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex)
     task: asyncio.Task[None] | None = None
+    cache: Cached | None = None
+    """A cacheable request: its hit (replayed, not generated) or the miss it records."""
 
     @property
     def key(self) -> RecordKey:

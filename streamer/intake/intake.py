@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from streamer import protocol
+from streamer.cache.serving import ResultCache
 from streamer.commits.offsets import OffsetTracker
 from streamer.config import WorkerConfig
 from streamer.egress import events
@@ -72,6 +73,8 @@ class Intake:
         self.on_assignment: Callable[[], None] | None = None
         self.progress: ProgressStore | None = None
         """Set by the worker when attempts resume from recorded progress."""
+        self.cache: ResultCache | None = None
+        """Set by the worker when the result cache is on."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -177,8 +180,14 @@ class Intake:
         resume = None
         if progress is not None:
             resume = Resume(tuple(progress.token_ids), progress.text_chars, progress.seed)
+        cached = None
+        if self.cache is not None and progress is None:  # a resumed attempt must continue
+            cached = await self.cache.lookup(request, prepared.prompt_ids, prepared.params)
+            if request.id in self.flights:  # admitted while this one was looked up
+                self._duplicate(record, rid, priority, request.id)
+                return
         try:
-            stream = self.engine.add(
+            stream = cached.stream(request.id) if cached and cached.level else self.engine.add(
                 request.id, prepared.prompt_ids, prepared.params, priority=lane,
                 deadline_ms=request.deadline_ms, resume=resume,
             )
@@ -188,7 +197,7 @@ class Intake:
         flight = Flight(
             request, record, rid, priority, stream, len(prepared.prompt_ids),
             traceparent=protocol.valid_traceparent(header(record, "traceparent")),
-            tokenize_s=tokenize_s,
+            tokenize_s=tokenize_s, cache=cached,
         )
         if progress is not None and stream.resumed_at:
             flight.resumed = protocol.Resumed(

@@ -41,6 +41,8 @@ OUTCOMES: Final[tuple[str, ...]] = (
 
 #: Label values of ``streamer_output_records`` / ``streamer_output_bytes``.
 OUTPUT_KINDS = ("tokens", "events", "dlq")
+#: Result-cache levels, the label values of ``streamer_cache_*``.
+CACHE_LEVELS: Final[tuple[str, ...]] = ("l1", "l2", "l3")
 #: States of a KV-cache block, the label values of ``streamer_kv_cache_blocks``; the three series
 #: sum to the cache's capacity. ``cached`` blocks are free but still hold a prefix a new request can
 #: reuse (eviction takes them last, oldest first); ``empty`` ones hold nothing worth keeping.
@@ -206,6 +208,32 @@ class WorkerMetrics:
             "preemption made the engine recompute (tokens).",
             registry=r,
         )
+        # Result cache (docs/cache.md), per level: l1 memory, l2 Redis, l3 disk. A lookup goes
+        # down the levels until one hits, so every level a lookup reaches counts a hit or a miss.
+        self.cache_hits = Counter(
+            "streamer_cache_hits",
+            "Result-cache lookups answered by this level (the request skipped the engine).",
+            ["level"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "streamer_cache_misses",
+            "Result-cache lookups this level could not answer (including failed calls).",
+            ["level"],
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "streamer_cache_errors",
+            "Failed result-cache calls (e.g. Redis down or slower than its timeout), by level; "
+            "each is a miss, never a failed request.",
+            ["level"],
+            registry=r,
+        )
+        self.cache_l1_bytes = Gauge(
+            "streamer_cache_l1_bytes",
+            "Bytes of entries held by the in-process result cache (L1).",
+            registry=r,
+        )
         self.stage_busy_seconds = Counter(
             "streamer_stage_busy_seconds",
             "Seconds each pipeline stage spent computing; rate() of it is the stage's busy "
@@ -301,6 +329,9 @@ class WorkerMetrics:
                 self.requests.labels(priority=priority, outcome=outcome)
         for state in KV_BLOCK_STATES:
             self.kv_cache_blocks.labels(state=state).set(0)
+        for level in CACHE_LEVELS:
+            for counter in (self.cache_hits, self.cache_misses, self.cache_errors):
+                counter.labels(level=level)
         for kind in OUTPUT_KINDS:
             self.output_records.labels(kind=kind)
             self.output_bytes.labels(kind=kind)
