@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from redis_helpers import RedisServer
 
+from streamer.bench.redis_server import RedisServer
 from streamer.cache import entry as entries
 from streamer.cache.key import cache_key, cacheable, model_identity
 from streamer.cache.levels import DiskLevel, MemoryLevel, RedisLevel

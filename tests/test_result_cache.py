@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from conftest import Gate
-from redis_helpers import RedisServer
 from reference import PROMPTS, greedy_text
 
+from streamer.bench.redis_server import RedisServer
 from streamer.client import UpdateKind
 from streamer.protocol import EventType
 

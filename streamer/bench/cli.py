@@ -1,4 +1,5 @@
-"""`streamer bench engine | serve | compare | affinity`: flags and dispatch (work: sibling modules).
+"""`streamer bench engine | serve | compare | affinity | failover | startup | cache`: flags and
+dispatch (work: sibling modules).
 
 Results go to files under `--out` (default bench-results/): JSON with everything (machine,
 versions, config, seed, per-system figures), a Markdown summary, and PNG plots for `compare`.
@@ -112,6 +113,32 @@ def add_bench_parser(sub: Any) -> None:
                           help="extra `streamer worker` flags")
     failover.add_argument("--out", type=Path, default=Path("bench-results/failover"))
     failover.set_defaults(func=cmd_failover)
+
+    startup = bsub.add_parser("startup", help="first-request TTFT after a worker starts: "
+                              "without warm-up, with it, with --compile")
+    startup.add_argument("--model", required=True, help="model folder")
+    startup.add_argument("--requests", type=int, default=10)
+    startup.add_argument("--max-tokens", type=int, default=16)
+    startup.add_argument("--threads", type=int, default=1, help="torch threads of the worker")
+    startup.add_argument("--variants", type=_names_of(("no-warmup", "warmup", "warmup+compile")),
+                         default=("no-warmup", "warmup", "warmup+compile"))
+    startup.add_argument("--out", type=Path, default=Path("bench-results/startup"))
+    startup.set_defaults(func=lambda args: _startup().cmd_startup(args))
+
+    cache = bsub.add_parser("cache", help="result-cache hit latency per level (L1, L2 Redis, "
+                            "L3 disk) against computing the answer")
+    cache.add_argument("--model", required=True, help="model folder")
+    cache.add_argument("--prompts", type=int, default=10)
+    cache.add_argument("--max-tokens", type=int, default=32)
+    cache.add_argument("--threads", type=int, default=1, help="torch threads of the worker")
+    cache.add_argument("--out", type=Path, default=Path("bench-results/cache"))
+    cache.set_defaults(func=lambda args: _startup().cmd_cache(args))
+
+
+def _startup() -> Any:
+    from streamer.bench import startup
+
+    return startup
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

