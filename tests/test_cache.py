@@ -193,3 +193,17 @@ async def test_redis_down_is_a_counted_miss_never_an_error(tmp_path: Path) -> No
     finally:
         server.stop()
         await tiers.stop()
+
+
+def test_settings_name_the_bad_values() -> None:
+    from streamer.config import CacheConfig
+    from streamer.settings import load_worker_config
+
+    with pytest.raises(ValueError, match="redis_url"):
+        CacheConfig(redis_url="http://x").validate()
+    with pytest.raises(ValueError, match="redis_timeout_s"):
+        CacheConfig(redis_timeout_s=0).validate()
+    config = load_worker_config({"model": "m", "enabled": "true"},
+                                {"STREAMER_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert config.cache.enabled and config.cache.redis_url == "redis://127.0.0.1:1/0"
+    assert "redis://" not in repr(config)  # it may hold a password

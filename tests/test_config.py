@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT
 
 from streamer import cli, fleet
-from streamer.config import EngineConfig, KafkaSettings, WorkerConfig, consumer_group
+from streamer.config import CacheConfig, EngineConfig, KafkaSettings, WorkerConfig, consumer_group
 from streamer.observability import http
 from streamer.observability.http import MetricsPortInUse, MetricsServer, port_in_use
 from streamer.settings import (
@@ -65,9 +65,9 @@ def _sample(setting: Setting) -> tuple[str, object]:
 def test_every_field_has_a_setting_with_flag_env_and_help() -> None:
     by_name = {s.name: s for s in settings()}
     sections = {section.cls for section in SECTIONS}
-    assert sections == {WorkerConfig, EngineConfig, RequestLimits, KafkaSettings}
+    assert sections == {WorkerConfig, EngineConfig, RequestLimits, KafkaSettings, CacheConfig}
     nested = {section.attr for section in SECTIONS if section.attr}
-    assert nested == {"engine", "kafka", "limits"}
+    assert nested == {"engine", "kafka", "limits", "cache"}
     for cls in sections:
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):
@@ -78,6 +78,9 @@ def test_every_field_has_a_setting_with_flag_env_and_help() -> None:
             assert setting.help == docs[f.name]
             if cls is KafkaSettings:
                 assert setting.env.startswith(("STREAMER_KAFKA_", "KAFKA_"))
+            elif cls is CacheConfig:  # STREAMER_CACHE and STREAMER_REDIS_URL are named apart
+                assert setting.env in ("STREAMER_CACHE", "STREAMER_REDIS_URL",
+                                       f"STREAMER_CACHE_{f.name.upper()}")
             else:
                 assert setting.env == f"STREAMER_{f.name.upper()}"
             if f.name in ENV_ONLY:
