@@ -12,6 +12,7 @@ worker) per variant, measured from the client through Kafka.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import statistics
 import tempfile
@@ -50,20 +51,27 @@ def _worker_log(log_dir: Path) -> str:
 
 
 async def run_startup(model: str, *, requests: int, max_tokens: int, threads: int,
-                      variants: tuple[str, ...], log_dir: Path) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for name in variants:
-        flags = ["--model", model, "--torch-threads", str(threads), *VARIANTS[name]]
-        began = time.perf_counter()
-        async with local_fleet(flags, log_dir=log_dir / name,
-                               env={"OMP_NUM_THREADS": str(threads)}) as fleet:
-            ready_s = time.perf_counter() - began
-            async with StreamerClient(fleet.kafka, fleet.prefix) as client:
-                runs = [await _one(client, _prompt(i), max_tokens) for i in range(requests)]
-        found = re.search(r'"duration_s": ([0-9.]+)', _worker_log(log_dir / name))
-        results[name] = {"requests": runs, "start_to_consuming_s": round(ready_s, 2),
-                         "warmup_s": float(found.group(1)) if found else None,
-                         "compile_failed": "compile_failed" in _worker_log(log_dir / name)}
+                      variants: tuple[str, ...], repeat: int, log_dir: Path) -> dict[str, Any]:
+    """Each variant `repeat` times, interleaved (a, b, a, b, ...) so that a change in the
+    machine's load falls on every variant alike."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for round_ in range(repeat):
+        for name in variants:
+            where = log_dir / f"{name}-{round_}"
+            flags = ["--model", model, "--torch-threads", str(threads), *VARIANTS[name]]
+            load = os.getloadavg()[0]
+            began = time.perf_counter()
+            async with local_fleet(flags, log_dir=where,
+                                   env={"OMP_NUM_THREADS": str(threads)}) as fleet:
+                ready_s = time.perf_counter() - began
+                async with StreamerClient(fleet.kafka, fleet.prefix) as client:
+                    runs = [await _one(client, _prompt(i), max_tokens) for i in range(requests)]
+            log = _worker_log(where)
+            found = re.search(r'"duration_s": ([0-9.]+)', log)
+            results[name].append({"requests": runs, "start_to_consuming_s": round(ready_s, 2),
+                                  "warmup_s": float(found.group(1)) if found else None,
+                                  "compile_failed": "compile_failed" in log,
+                                  "load_average_1m": load})
     return results
 
 
@@ -140,21 +148,26 @@ def cmd_cache(args: Any) -> int:
 def startup_markdown(data: dict[str, Any]) -> str:
     lines = ["# streamer bench startup", "",
              f"model `{data['model']}`, torch threads {data['threads']}, {data['max_tokens']} "
-             "tokens per request, one request at a time; TTFT and e2e from the request's Kafka "
-             "timestamp (`timings` of `completed`).", "",
-             "| variant | warm-up s | TTFT #1 ms | TTFT #10 ms | median TTFT #2.. ms | "
-             "e2e #1 ms | median e2e #2.. ms |", "|---|---|---|---|---|---|---|"]
-    for name, v in data["variants"].items():
-        ttft = [r["ttft_ms"] for r in v["requests"]]
-        e2e = [r["e2e_ms"] for r in v["requests"]]
-        tenth = ttft[9] if len(ttft) >= 10 else None
-        warm = "–" if v["warmup_s"] is None else f"{v['warmup_s']:.2f}"
-        if v["compile_failed"]:
-            warm += " (compile failed: eager)"
-        lines.append(f"| {name} | {warm} | {ttft[0]:.0f} | "
-                     f"{'–' if tenth is None else f'{tenth:.0f}'} | "
-                     f"{statistics.median(ttft[1:]):.0f} | {e2e[0]:.0f} | "
-                     f"{statistics.median(e2e[1:]):.0f} |")
+             f"tokens per request, {data['requests']} requests one at a time after each start, "
+             f"{data['repeat']} starts per variant (interleaved); TTFT and e2e from the "
+             "request's Kafka timestamp (`timings` of `completed`). Medians over the starts.", "",
+             "| variant | warm-up s | TTFT #1 ms | TTFT #10 ms | TTFT #2.. (median) ms | "
+             "e2e #1 ms | e2e #2.. (median) ms | load avg |",
+             "|---|---|---|---|---|---|---|---|"]
+    med = statistics.median
+    for name, starts in data["variants"].items():
+        ttft = [[r["ttft_ms"] for r in s["requests"]] for s in starts]
+        e2e = [[r["e2e_ms"] for r in s["requests"]] for s in starts]
+        warm = [s["warmup_s"] for s in starts if s["warmup_s"] is not None]
+        cell = "–" if not warm else f"{med(warm):.2f}"
+        if any(s["compile_failed"] for s in starts):
+            cell += " (compile failed: eager)"
+        tenth = med([t[9] for t in ttft]) if all(len(t) >= 10 for t in ttft) else None
+        lines.append(
+            f"| {name} | {cell} | {med([t[0] for t in ttft]):.0f} | "
+            f"{'–' if tenth is None else f'{tenth:.0f}'} | {med([med(t[1:]) for t in ttft]):.0f} "
+            f"| {med([e[0] for e in e2e]):.0f} | {med([med(e[1:]) for e in e2e]):.0f} | "
+            f"{med([s['load_average_1m'] for s in starts]):.1f} |")
     return "\n".join(lines)
 
 
@@ -162,10 +175,11 @@ def cmd_startup(args: Any) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-startup-"))
     variants = asyncio.run(run_startup(args.model, requests=args.requests,
                                        max_tokens=args.max_tokens, threads=args.threads,
-                                       variants=args.variants, log_dir=log_dir))
+                                       variants=args.variants, repeat=args.repeat,
+                                       log_dir=log_dir))
     data = {"benchmark": "startup", "machine": machine_info(), "model": args.model,
-            "threads": args.threads, "max_tokens": args.max_tokens, "variants": variants,
-            "logs": str(log_dir)}
+            "threads": args.threads, "max_tokens": args.max_tokens, "requests": args.requests,
+            "repeat": args.repeat, "variants": variants, "logs": str(log_dir)}
     markdown = startup_markdown(data)
     for path in report.write_results(args.out, f"startup-{Path(args.model).name}", data,
                                      markdown):

@@ -64,8 +64,8 @@ def batches(p: WarmupPlan, num_blocks: int, block_size: int, vocab: int) -> list
     for n in p.prefill_lens:
         table = [i % num_blocks for i in range(-(-n // block_size))]
         steps.append(_batch([(n, n)], [table], vocab))
-    # Each sequence decodes its second token in a block of its own (shared once exhausted).
-    steps += [_batch([(1, 2)] * size, [[i % num_blocks] for i in range(size)], vocab)
+    # Each sequence decodes one token in a block of its own (shared once the blocks run out).
+    steps += [_batch([(1, 1)] * size, [[i % num_blocks] for i in range(size)], vocab)
               for size in p.decode_batches]
     return steps
 
