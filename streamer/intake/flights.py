@@ -32,6 +32,8 @@ class Flight:
     """Resumed only: the earlier attempts' tokens and the characters of text they carried."""
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex)
     task: asyncio.Task[None] | None = None
+    trail: Any = None
+    """Its progress records (egress.progress.ProgressTrail) while it is served, if resumable."""
 
     @property
     def key(self) -> RecordKey:
