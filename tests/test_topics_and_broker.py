@@ -52,7 +52,7 @@ def test_replication_plan_clamps_spec_defaults_and_refuses_explicit_factors() ->
     plan, notes = replication_plan(specs, brokers=1, requested=None)
     assert set(plan.values()) == {1}
     (note,) = notes
-    assert "replication factor 1 instead of the spec's 3 for 8 topics" in note
+    assert f"replication factor 1 instead of the spec's 3 for {len(EXPECTED)} topics" in note
     assert "the cluster has 1 broker" in note
     assert replication_plan(specs, brokers=5, requested=None) == ({s.name: 3 for s in specs}, [])
     assert set(replication_plan(specs, brokers=1, requested=1)[0].values()) == {1}
@@ -97,7 +97,7 @@ async def test_replication_factor_beyond_the_cluster_is_an_error(
     fits = _topics_command(kafka_bootstrap, prefix, "apply", "--replication-factor",
                            str(brokers))
     assert fits.returncode == 0, fits.stderr
-    assert fits.stdout.count("created") == 8 and "clamped" not in fits.stdout
+    assert fits.stdout.count("created") == len(EXPECTED) and "clamped" not in fits.stdout
     assert await missing_topics(kafka_settings, worker_topics(prefix)) == []
 
 
@@ -110,7 +110,8 @@ async def test_spec_factor_is_clamped_to_the_cluster(
     prefix = f"k{uuid.uuid4().hex[:8]}"
     applied = _topics_command(kafka_bootstrap, prefix, "apply")
     assert applied.returncode == 0, applied.stderr
-    assert (f"clamped   replication factor {brokers} instead of the spec's 3 for 8 topics: "
+    assert (f"clamped   replication factor {brokers} instead of the spec's 3 for "
+            f"{len(EXPECTED)} topics: "
             f"the cluster has {brokers} broker") in applied.stdout
     admin = AIOKafkaAdminClient(**kafka_settings.client_kwargs())
     await admin.start()
@@ -164,8 +165,8 @@ def test_topics_command_twice(kafka_bootstrap: str) -> None:
     first = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
     second = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
-    assert first.stdout.count("created") == 8
-    assert second.stdout.count("ok ") == 8 and "created" not in second.stdout
+    assert first.stdout.count("created") == len(EXPECTED)
+    assert second.stdout.count("ok ") == len(EXPECTED) and "created" not in second.stdout
 
 
 def test_broker_command_prints_ready_and_stops_on_sigterm() -> None:

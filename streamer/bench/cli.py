@@ -108,7 +108,8 @@ def add_bench_parser(sub: Any) -> None:
     failover.add_argument("--max-tokens", type=int, default=160)
     failover.add_argument("--change-after", type=int, default=40,
                           help="change the fleet once every request has this many tokens")
-    failover.add_argument("--scenarios", type=_names, default=("scale-up", "crash"))
+    failover.add_argument("--scenarios", type=_scenarios, default=("scale-up", "crash"),
+                          help="scale-up, crash or both (default both)")
     failover.add_argument("--worker-flags", default="--torch-threads 1",
                           help="extra `streamer worker` flags")
     failover.add_argument("--out", type=Path, default=Path("bench-results/failover"))
@@ -242,6 +243,15 @@ def _names_of(known: tuple[str, ...]) -> Any:
         return names
 
     return parse
+
+
+def _scenarios(text: str) -> tuple[str, ...]:
+    from streamer.bench.failover import SCENARIOS
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names or any(n not in SCENARIOS for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: scenarios are {', '.join(SCENARIOS)}")
+    return names
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -78,7 +78,13 @@ async def run_scenario(model: str, scenario: str, *, resume: bool, requests: int
                 procs[0].send_signal(signal.SIGKILL)
             results = await asyncio.gather(*(h.result(900) for h in handles))
         chunks = await _chunks(kafka, protocol.tokens_topic(prefix))
-        return _count(scenario, resume, results, chunks, changed_at, max_tokens)
+        row = _count(scenario, resume, results, chunks, changed_at, max_tokens)
+        if scenario == "scale-up":  # a newcomer that joins after the last outcome proves nothing
+            joined = _joined_at(log_dir / "w2.log")
+            last = max(r.outcome.ts for r in results) / 1000
+            row["newcomer_joined_s_after_change"] = joined - changed_at if joined else None
+            row["newcomer_joined_in_time"] = joined is not None and joined < last
+        return row
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -118,6 +124,18 @@ def _count(scenario: str, resume: bool, results: list[Result],
             "tokens_regenerated_per_retried_request": regenerated / retried if retried else 0.0,
             "all_complete_and_exact_length": complete,
             "finished_s_after_change": max(r.outcome.ts for r in results) / 1000 - changed_at}
+
+
+def _joined_at(log: Path) -> float | None:
+    """Epoch seconds of a worker's first `partitions_assigned` log line."""
+    import json
+    from datetime import datetime
+
+    for line in log.read_text(errors="replace").splitlines():
+        if '"partitions_assigned"' in line:
+            stamp = json.loads(line)["timestamp"].replace("Z", "+00:00")
+            return datetime.fromisoformat(stamp).timestamp()
+    return None
 
 
 async def _until_tokens(handles: list[Any], tokens: int, timeout_s: float = 600) -> None:
@@ -194,4 +212,8 @@ def run_failover_bench(model: str, out: Path, *, requests: int, max_tokens: int,
     for path in report.write_results(out, "failover", data, "\n".join(lines)):
         print(f"wrote {path}")
     print("\n".join(lines))
+    late = [r for r in rows if r.get("newcomer_joined_in_time") is False]
+    if late:
+        print("note: in a scale-up run the new worker joined only after the last request "
+              "finished; raise --max-tokens so the change happens under load")
     return 0 if all(r["all_complete_and_exact_length"] for r in rows) else 1

@@ -126,7 +126,7 @@ class Outcomes:
         acks: list[asyncio.Future[Any]] = []
         started = first_token = None
         produced = flight.record.timestamp / 1000
-        trail = self._trail(flight)
+        trail = flight.trail = self._trail(flight)
         try:
             acks.append(await self._event(flight, EventType.QUEUED, attempt=False))
             hit = flight.cache is not None and flight.cache.level is not None
@@ -196,7 +196,7 @@ class Outcomes:
     ) -> None:
         if out.finish_reason == "revoked":
             if trail is not None:  # the next owner continues from every acknowledged token
-                await trail.hand_back()
+                await trail.checkpoint()
             bound.info("request_handed_back")  # no outcome: its offset stays uncommitted
             return
         publish_began = time.time()

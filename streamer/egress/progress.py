@@ -3,8 +3,8 @@
 A record names only tokens whose chunks the broker has acknowledged (it is produced after those
 acks), so a reader of the earlier attempt's chunks always has every token the record claims. One
 write is in flight at a time, which keeps a request's records in order on its partition. The
-request's outcome is followed by a tombstone; a hand-back (partition moved, shutdown) writes a
-last record with everything acknowledged, so the next owner regenerates nothing.
+request's outcome is followed by a tombstone. A hand-back (shutdown) and every rebalance write a
+record with everything acknowledged, so the next owner regenerates (almost) nothing.
 """
 
 from __future__ import annotations
@@ -107,8 +107,10 @@ class ProgressTrail:
         if self._writing is not None:
             await asyncio.gather(self._writing, return_exceptions=True)
 
-    async def hand_back(self) -> None:
-        """Record every acknowledged token before the request leaves this worker."""
+    async def checkpoint(self) -> None:
+        """Record every acknowledged token now: before the request leaves this worker (a
+        hand-back), or before a rebalance may move it (the next owner reads progress only once
+        it has the partition, so this record is there in time)."""
         await self.settle()
         pending = [a for _, _, a in self._chunks if not a.done()]
         if pending:  # the last chunks were flushed just now: give their acks a moment
@@ -124,7 +126,7 @@ class ProgressTrail:
                 await self._send(end, chars)
             except PublisherStopped:
                 return
-        log.debug("progress_handed_back", request_id=self.request_id, tokens=self._written)
+        log.debug("progress_checkpoint", request_id=self.request_id, tokens=self._written)
 
     async def clear(self) -> None:
         """The outcome is published: remove the request's entry (a tombstone)."""

@@ -182,6 +182,8 @@ class Engine:
             kv_bytes=per_block * num_blocks,
             kv_tokens=num_blocks * cfg.block_size,
             max_model_len=self.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
         )
 
     def _default_kv_budget(self) -> int:

@@ -35,6 +35,8 @@ class Flight:
     """Resumed only: the earlier attempts' tokens and the characters of text they carried."""
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex)
     task: asyncio.Task[None] | None = None
+    trail: Any = None
+    """Its progress records (egress.progress.ProgressTrail) while it is served, if resumable."""
     cache: Cached | None = None
     """A cacheable request: its hit (replayed, not generated) or the miss it records."""
 

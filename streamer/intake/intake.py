@@ -308,6 +308,13 @@ class Intake:
                 await asyncio.wait_for(self.before_revoke(), self.config.shutdown_timeout_s)
         except Exception as exc:
             log.warning("commit_on_revoke_failed", error=repr(exc)[:200])
+        trails = [f.trail.checkpoint() for f in self.flights.all() if f.trail is not None]
+        if trails:  # before the join: whoever gets a moved partition finds this progress
+            try:
+                await asyncio.wait_for(asyncio.gather(*trails, return_exceptions=True),
+                                       self.config.shutdown_timeout_s)
+            except TimeoutError:
+                log.warning("progress_on_revoke_timed_out", requests=len(trails))
         self._revoked |= {(tp.topic, tp.partition) for tp in revoked}
         self.assigned = False
 

@@ -103,6 +103,7 @@ class ProgressStore:
                 if self._wanted is not None:
                     fetcher = Fetcher(consumer, max_records=500)
                     await self._apply(consumer, fetcher, self._wanted)
+                    continue  # another assignment may have come while this one was applied
                 if not consumer.assignment():
                     self._ready.set()
                     self._changed.clear()
