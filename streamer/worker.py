@@ -112,6 +112,9 @@ class Worker:
                 await self.cache.start()
                 self.intake.cache = self.cache
             await self.publisher.start()
+            if cfg.engine.warmup:  # the first request must not wait for output-topic metadata
+                for topic in (protocol.tokens_topic(cfg.prefix), protocol.events_topic(cfg.prefix)):
+                    await self.publisher.partitions_of(topic)  # metadata only: nothing produced
             await self._start_progress()
             await self.control.start()
             await self.intake.start()

@@ -122,6 +122,8 @@ def add_bench_parser(sub: Any) -> None:
     startup.add_argument("--max-tokens", type=int, default=16)
     startup.add_argument("--threads", type=int, default=1, help="torch threads of the worker")
     startup.add_argument("--repeat", type=int, default=3, help="starts per variant (interleaved)")
+    startup.add_argument("--in-process", action="store_true",
+                         help="an Engine in this process instead of a worker behind Kafka")
     startup.add_argument("--variants", type=_names_of(("no-warmup", "warmup", "warmup+compile")),
                          default=("no-warmup", "warmup", "warmup+compile"))
     startup.add_argument("--out", type=Path, default=Path("bench-results/startup"))

@@ -75,6 +75,48 @@ async def run_startup(model: str, *, requests: int, max_tokens: int, threads: in
     return results
 
 
+async def run_startup_in_process(model: str, *, requests: int, max_tokens: int, threads: int,
+                                 variants: tuple[str, ...], repeat: int) -> dict[str, Any]:
+    """The same without Kafka: an `Engine` in this process, TTFT from `add` to the first token
+    (isolates the engine's first-use costs from the broker's and the client's)."""
+    import torch
+
+    from streamer.config import EngineConfig
+    from streamer.engine.engine import Engine
+    from streamer.engine.outputs import OutputKind
+    from streamer.engine.sequence import SamplingParams
+
+    torch.set_num_threads(threads)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    for _ in range(repeat):
+        for name in variants:
+            flags = VARIANTS[name]
+            load = os.getloadavg()[0]
+            began = time.perf_counter()
+            engine = Engine(EngineConfig(model=model, torch_threads=threads,
+                                         warmup="--warmup" in flags,
+                                         compile="--compile" in flags))
+            await engine.start()
+            start_s = time.perf_counter() - began
+            runs = []
+            try:
+                for i in range(requests):
+                    t0 = time.perf_counter()
+                    ttft = None
+                    async for out in engine.generate(_prompt(i), params, request_id=f"r{i}"):
+                        if out.kind is OutputKind.TOKENS and ttft is None:
+                            ttft = (time.perf_counter() - t0) * 1000
+                    runs.append({"ttft_ms": round(ttft or 0.0, 1),
+                                 "e2e_ms": round((time.perf_counter() - t0) * 1000, 1)})
+            finally:
+                await engine.stop()
+            results[name].append({"requests": runs, "start_s": round(start_s, 2),
+                                  "warmup_s": None, "compile_failed": False,
+                                  "load_average_1m": load})
+    return results
+
+
 async def _wait_log(log_dir: Path, text: str, count: int, within_s: float = 120) -> None:
     deadline = time.monotonic() + within_s
     while _worker_log(log_dir).count(text) < count:
@@ -149,8 +191,10 @@ def startup_markdown(data: dict[str, Any]) -> str:
     lines = ["# streamer bench startup", "",
              f"model `{data['model']}`, torch threads {data['threads']}, {data['max_tokens']} "
              f"tokens per request, {data['requests']} requests one at a time after each start, "
-             f"{data['repeat']} starts per variant (interleaved); TTFT and e2e from the "
-             "request's Kafka timestamp (`timings` of `completed`). Medians over the starts.", "",
+             f"{data['repeat']} starts per variant (interleaved); "
+             + ("in process (no Kafka): TTFT and e2e from `Engine.add`." if data["in_process"]
+                else "TTFT and e2e from the request's Kafka timestamp (`timings` of `completed`).")
+             + " Medians over the starts.", "",
              "| variant | warm-up s | TTFT #1 ms | TTFT #10 ms | TTFT #2.. (median) ms | "
              "e2e #1 ms | e2e #2.. (median) ms | load avg |",
              "|---|---|---|---|---|---|---|---|"]
@@ -173,16 +217,22 @@ def startup_markdown(data: dict[str, Any]) -> str:
 
 def cmd_startup(args: Any) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-startup-"))
-    variants = asyncio.run(run_startup(args.model, requests=args.requests,
-                                       max_tokens=args.max_tokens, threads=args.threads,
-                                       variants=args.variants, repeat=args.repeat,
-                                       log_dir=log_dir))
+    if args.in_process:
+        variants = asyncio.run(run_startup_in_process(
+            args.model, requests=args.requests, max_tokens=args.max_tokens,
+            threads=args.threads, variants=args.variants, repeat=args.repeat))
+    else:
+        variants = asyncio.run(run_startup(args.model, requests=args.requests,
+                                           max_tokens=args.max_tokens, threads=args.threads,
+                                           variants=args.variants, repeat=args.repeat,
+                                           log_dir=log_dir))
     data = {"benchmark": "startup", "machine": machine_info(), "model": args.model,
             "threads": args.threads, "max_tokens": args.max_tokens, "requests": args.requests,
-            "repeat": args.repeat, "variants": variants, "logs": str(log_dir)}
+            "repeat": args.repeat, "in_process": args.in_process, "variants": variants,
+            "logs": str(log_dir)}
     markdown = startup_markdown(data)
-    for path in report.write_results(args.out, f"startup-{Path(args.model).name}", data,
-                                     markdown):
+    name = f"startup-{Path(args.model).name}{'-in-process' if args.in_process else ''}"
+    for path in report.write_results(args.out, name, data, markdown):
         print(f"wrote {path}")
     print(markdown)
     return 0
