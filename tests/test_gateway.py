@@ -7,6 +7,7 @@ a gateway with other settings start their own against the same fleet."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -280,6 +281,42 @@ async def test_metrics_count_requests_ttft_and_errors(fleet: Fleet) -> None:
     assert "streamer_gateway_ready_workers 1.0" in text
     await until(lambda: "streamer_gateway_open_streams 0.0" in httpx.get(
         fleet.gateway.url + "/metrics").text, what="no stream left open")
+
+
+async def test_cancelling_a_batch(fleet: Fleet) -> None:
+    """A cancelled batch ends `cancelled`: its open line cancelled on the worker, an invalid
+    line failed at once; both in the error file. (Its full run is tests/test_gateway_batch.py.)"""
+    fleet.gate.hold()
+    tiny_model = fleet.model
+    try:
+        line = {"custom_id": "only", "method": "POST", "url": "/v1/completions",
+                "body": {"model": tiny_model.name, "prompt": "hi", "max_tokens": 3}}
+        bad = {**line, "custom_id": "bad", "body": {"model": tiny_model.name, "prompt": "x",
+                                                    "n": 4}}
+        upload = await fleet.sdk().files.create(
+            file=("in.jsonl", (json.dumps(line) + "\n" + json.dumps(bad)).encode()),
+            purpose="batch")
+        batch = await fleet.sdk().batches.create(
+            input_file_id=upload.id, endpoint="/v1/completions", completion_window="24h")
+        assert batch.request_counts.failed == 1  # the invalid line ends at once
+        cancelling = await fleet.sdk().batches.cancel(batch.id)
+        assert cancelling.status in ("cancelling", "cancelled")
+
+        async def state() -> str:
+            return (await fleet.sdk().batches.retrieve(batch.id)).status
+
+        for _ in range(1200):
+            if await state() == "cancelled":
+                break
+            await asyncio.sleep(0.1)
+        final = await fleet.sdk().batches.retrieve(batch.id)
+        assert final.status == "cancelled" and final.request_counts.failed == 2
+        errors = (await fleet.sdk().files.content(final.error_file_id)).text
+        by_id = {json.loads(x)["custom_id"]: json.loads(x) for x in errors.splitlines()}
+        assert by_id["bad"]["error"]["code"] == "unsupported_parameter"
+        assert by_id["only"]["response"]["status_code"] == 499
+    finally:
+        fleet.gate.release()
 
 
 async def test_no_ready_worker_is_503(kafka_settings: KafkaSettings, fleet: Fleet) -> None:
