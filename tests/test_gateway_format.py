@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
+from conftest import until
 
 from streamer import protocol
 from streamer.config import GatewayConfig
@@ -217,3 +219,29 @@ def test_fleet_view_models_readiness_and_backlog() -> None:
     with pytest.raises(fmt.ApiError) as err:
         view.check_lane("low")
     assert err.value.status == 429
+
+
+async def test_announcer_sends_status_on_change_and_a_tombstone_on_stop() -> None:
+    from streamer.health.announce import Announcer
+
+    sent: list[tuple[str, bytes | None, bytes]] = []
+    ready = {"now": False}
+
+    async def send(topic: str, value: bytes | None, key: bytes) -> asyncio.Future[None]:
+        sent.append((topic, value, key))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    announcer = Announcer(send, "p", "w1", "m", lambda: ready["now"], interval_s=3600)
+    await announcer.start()
+    try:
+        await until(lambda: len(sent) == 1, what="the first announcement")
+        ready["now"] = True  # a change is announced without waiting for the interval
+        await until(lambda: len(sent) == 2, what="the readiness change")
+    finally:
+        await announcer.stop()
+    first, second = (protocol.decode_worker_status(v) for _, v, _ in sent[:2])  # type: ignore[arg-type]
+    assert (first.ready, second.ready, second.model, second.interval_ms) == (False, True, "m",
+                                                                             3_600_000)
+    assert sent[-1] == ("p.workers", None, b"w1")  # the tombstone of a clean stop

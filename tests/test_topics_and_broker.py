@@ -18,7 +18,7 @@ from streamer.topics import apply_topics, load_specs
 pytestmark = pytest.mark.kafka
 
 EXPECTED = {"requests.urgent", "requests.high", "requests.normal", "requests.low", "tokens",
-            "events", "control", "requests.dlq"}
+            "events", "control", "requests.dlq", "workers"}
 
 
 def test_specs_cover_every_topic_with_every_field() -> None:
@@ -54,8 +54,8 @@ def test_topics_command_twice(kafka_bootstrap: str) -> None:
     first = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
     second = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
-    assert first.stdout.count("created") == 8
-    assert second.stdout.count("ok ") == 8 and "created" not in second.stdout
+    assert first.stdout.count("created") == len(EXPECTED)
+    assert second.stdout.count("ok ") == len(EXPECTED) and "created" not in second.stdout
 
 
 def test_broker_command_prints_ready_and_stops_on_sigterm() -> None:
