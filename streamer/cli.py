@@ -318,9 +318,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"streamer gateway: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    from streamer.gateway.server import serve
+    from streamer.gateway.server import run
 
-    asyncio.run(serve(config))
+    run(config)
     return 0
 
 

@@ -70,7 +70,8 @@ def add_bench_parser(sub: Any) -> None:
                          help="requests at once per path for throughput (default 32)")
     gateway.add_argument("--streams", type=int, default=500,
                          help="streaming connections held at once (default 500)")
-    gateway.add_argument("--stream-tokens", type=int, default=16)
+    gateway.add_argument("--stream-tokens", type=int, default=64,
+                         help="tokens per held stream (default 64)")
     gateway.add_argument("--out", type=Path, default=DEFAULT_OUT)
     gateway.set_defaults(func=cmd_gateway)
 

@@ -39,7 +39,7 @@ class GatewayBenchOptions:
     max_tokens: int = 16
     concurrency: int = 32
     streams: int = 500
-    stream_tokens: int = 16
+    stream_tokens: int = 64  # long enough that the first streams are open when the last open
     out: Path = Path("bench-results")
 
 
@@ -86,6 +86,12 @@ def _rss(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak) of a process, in KiB."""
     text = Path(f"/proc/{pid}/status").read_text()
     return {k: int(v) for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, re.M)}
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _ms(values: list[float]) -> dict[str, float]:
@@ -145,10 +151,13 @@ async def run(options: GatewayBenchOptions) -> dict[str, Any]:
                     await _direct(client, i, 2)
                     await _via_gateway(http, url, model, i, 2)
                 direct, through = [], []
+                cpu = 0.0
                 for i in range(options.requests):
                     direct.append(await _direct(client, 100 + i, options.max_tokens))
+                    before = _cpu_s(gateway.pid)
                     through.append(await _via_gateway(http, url, model, 100 + i,
                                                       options.max_tokens))
+                    cpu += _cpu_s(gateway.pid) - before
                 result["latency"] = {
                     "direct_ttft_ms": _ms([d[0] for d in direct]),
                     "gateway_ttft_ms": _ms([g[0] for g in through]),
@@ -160,18 +169,20 @@ async def run(options: GatewayBenchOptions) -> dict[str, Any]:
                     lat["gateway_ttft_ms"]["p50"] - lat["direct_ttft_ms"]["p50"], 2)
                 lat["e2e_overhead_p50_ms"] = round(
                     lat["gateway_e2e_ms"]["p50"] - lat["direct_e2e_ms"]["p50"], 2)
+                lat["gateway_cpu_ms_per_request"] = round(cpu * 1000 / options.requests, 2)
                 result["throughput"] = {}
                 for name, one in (("direct", lambda i: _direct(client, i, options.max_tokens * 4)),
                                   ("gateway", lambda i: _via_gateway(
                                       http, url, model, i, options.max_tokens * 4))):
-                    began = time.perf_counter()
+                    began, cpu_before = time.perf_counter(), _cpu_s(gateway.pid)
                     done = await asyncio.gather(*(one(1000 + i)
                                                   for i in range(options.concurrency)))
                     wall = time.perf_counter() - began
+                    tokens = sum(d[2] for d in done)
                     result["throughput"][name] = {
-                        "requests": len(done), "tokens": sum(d[2] for d in done),
-                        "wall_s": round(wall, 3),
-                        "tokens_per_s": round(sum(d[2] for d in done) / wall, 1)}
+                        "requests": len(done), "tokens": tokens, "wall_s": round(wall, 3),
+                        "tokens_per_s": round(tokens / wall, 1),
+                        "gateway_cpu_s": round(_cpu_s(gateway.pid) - cpu_before, 3)}
                 result["streams"] = await _hold(options, http, url, model, gateway.pid)
         finally:
             gateway.terminate()
@@ -193,11 +204,12 @@ async def _hold(options: GatewayBenchOptions, http: httpx.AsyncClient, url: str,
             await asyncio.sleep(0.2)
 
     sampler = asyncio.create_task(sample())
-    began = time.perf_counter()
+    began, cpu_before = time.perf_counter(), _cpu_s(pid)
     outcomes = await asyncio.gather(*(_via_gateway(http, url, model, 5000 + i,
                                                    options.stream_tokens)
                                       for i in range(options.streams)), return_exceptions=True)
     wall = time.perf_counter() - began
+    cpu = _cpu_s(pid) - cpu_before
     stop.set()
     await sampler
     ok = [o for o in outcomes if not isinstance(o, BaseException)]
@@ -205,6 +217,8 @@ async def _hold(options: GatewayBenchOptions, http: httpx.AsyncClient, url: str,
     return {"streams": options.streams, "completed": len(ok),
             "failed": len(outcomes) - len(ok), "peak_open_streams": peak["open"],
             "wall_s": round(wall, 2), "tokens": sum(o[2] for o in ok),
+            "gateway_cpu_s": round(cpu, 2),
+            "gateway_cpu_ms_per_1k_tokens": round(cpu * 1e6 / max(1, sum(o[2] for o in ok)), 1),
             "ttft_ms": _ms([o[0] for o in ok]),
             "rss_mib_before": round(before["VmRSS"] / 1024, 1),
             "rss_mib_peak_sampled": round(peak["rss_kib"] / 1024, 1),
@@ -223,16 +237,21 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {path} | {t['p50']} ms | {t['p90']} ms | {e['p50']} ms | "
                      f"{e['p90']} ms |")
     lines += ["", f"Overhead p50: TTFT {lat['ttft_overhead_p50_ms']} ms, e2e "
-              f"{lat['e2e_overhead_p50_ms']} ms.", "",
-              "| path | requests at once | tokens | wall | tokens/s |", "|---|---|---|---|---|"]
+              f"{lat['e2e_overhead_p50_ms']} ms; gateway CPU "
+              f"{lat['gateway_cpu_ms_per_request']} ms per request.", "",
+              "| path | requests at once | tokens | wall | tokens/s | gateway CPU |",
+              "|---|---|---|---|---|---|"]
     for path, t in thr.items():
         lines.append(f"| {path} | {t['requests']} | {t['tokens']} | {t['wall_s']} s | "
-                     f"{t['tokens_per_s']} |")
+                     f"{t['tokens_per_s']} | {t['gateway_cpu_s']} s |")
     lines += ["", f"{st['streams']} streams opened at once: {st['completed']} completed, "
               f"{st['failed']} failed, peak open {st['peak_open_streams']:.0f}, "
               f"{st['wall_s']} s; gateway RSS {st['rss_mib_before']} MiB before, "
               f"{st['rss_mib_peak_sampled']} MiB at the sampled peak (VmHWM {st['hwm_mib']} MiB), "
-              f"{st['rss_mib_after']} MiB after ({st['kib_per_stream']} KiB per stream)."]
+              f"{st['rss_mib_after']} MiB after ({st['kib_per_stream']} KiB per stream); "
+              f"gateway CPU {st['gateway_cpu_s']} s ({st['gateway_cpu_ms_per_1k_tokens']} ms per "
+              f"1,000 tokens); TTFT p50 {st['ttft_ms'].get('p50')} ms, p90 "
+              f"{st['ttft_ms'].get('p90')} ms."]
     return "\n".join(lines)
 
 

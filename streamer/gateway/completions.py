@@ -171,8 +171,9 @@ class Completions:
                     update = pending.pop(0)
                 else:
                     try:
-                        update = await asyncio.wait_for(anext(updates),
-                                                        deadline - time.monotonic())
+                        # No task per update (wait_for makes one): the loop's clock is monotonic.
+                        async with asyncio.timeout_at(deadline):
+                            update = await anext(updates)
                     except StopAsyncIteration:
                         break
                 if update.kind is UpdateKind.RESTART:
