@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -84,7 +85,9 @@ class BatchApi:
             else self.config.batch_priority)
         now = int(time.time())
         batch_id = f"batch_{uuid.uuid4().hex[:24]}"
-        lines = parse_lines(content, endpoint, (now + window) * 1000, batch_id)
+        # Off the event loop: an input file can hold many thousands of lines.
+        lines = await asyncio.to_thread(parse_lines, content, endpoint, (now + window) * 1000,
+                                        batch_id)
         known = {m.name for m in self.fleet.models()}
         if known:  # with no worker announced, models cannot be checked: the lines wait
             lines = [line if line.error or line.model in known else

@@ -124,6 +124,7 @@ class BatchRunner:
         self._producer: AIOKafkaProducer | None = None
         self._partitions = 0
         self._open: dict[str, tuple[str, str, str]] = {}  # request id -> batch, custom id, model
+        self._remaining: dict[str, int] = {}  # batch id -> its lines in _open
         self._kinds: dict[str, fmt.Kind] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -208,6 +209,8 @@ class BatchRunner:
             self.store.update_batch(body)
         async with self._lock:
             for rid, custom_id, _, model, _ in lines:
+                if rid not in self._open:
+                    self._remaining[batch_id] = self._remaining.get(batch_id, 0) + 1
                 self._open[rid] = (batch_id, custom_id, model)
             assert self._consumer is not None
             await grow_assignment(self._consumer, {
@@ -261,7 +264,7 @@ class BatchRunner:
                 for _, ok, _ in results:
                     self.metrics.batch_lines.labels(outcome="ok" if ok else "failed").inc()
             for batch_id in touched:
-                if not any(b == batch_id for b, _, _ in self._open.values()):
+                if not self._remaining.get(batch_id):
                     await self._finalize(batch_id)
 
     def _outcome(self, key: bytes | None, value: bytes | None
@@ -276,6 +279,7 @@ class BatchRunner:
         if not event.type.is_terminal:
             return None
         batch_id, custom_id, model = self._open.pop(rid)  # the first terminal event is it
+        self._remaining[batch_id] -= 1
         kind = self._kinds.get(batch_id, "chat")
         if event.type is EventType.COMPLETED:
             body = fmt.completion_body(kind, rid, model, event.ts // 1000, event.text or "",
@@ -296,7 +300,8 @@ class BatchRunner:
             self.store.record([(rid, False, error_line(cid, error))
                                for rid, cid, *_ in leftover])
             for rid, *_ in leftover:
-                self._open.pop(rid, None)
+                if self._open.pop(rid, None) is not None:
+                    self._remaining[batch_id] -= 1
         now = int(time.time())
         body.update(status="finalizing", finalizing_at=body.get("finalizing_at") or now)
         self.store.update_batch(body)
@@ -313,6 +318,7 @@ class BatchRunner:
             body.update(status="completed", completed_at=now)
         self.store.update_batch(body)
         self._kinds.pop(batch_id, None)
+        self._remaining.pop(batch_id, None)
         log.info("gateway_batch_done", batch=batch_id, status=body["status"])
 
 
