@@ -129,7 +129,7 @@ class Setting:
         if isinstance(value, bool):
             return str(value).lower()
         if isinstance(value, tuple):
-            return ",".join(map(str, value))
+            return ",".join(map(str, value)) or '""'
         return str(value) if value != "" else '""'
 
 
