@@ -7,9 +7,11 @@ process, then measures, with the same prompts on both paths:
    (SSE over HTTP, the way an OpenAI SDK streams), so both see the same machine load. TTFT is
    from sending to the first text; the overhead is gateway p50 minus direct p50.
 2. Throughput: `concurrency` requests at once on each path, completion tokens per second.
-3. Streams: `streams` streaming connections opened together and held until each completes;
-   the gateway's peak of open streams (its own gauge) and its resident memory (VmRSS, sampled,
-   and VmHWM) before, at the peak and after.
+3. Streams: `streams` streaming connections opened together. The worker's engine is held
+   (its gate file, docs/testing.md) until the gateway's own gauge shows all of them open, so
+   they are held at once whatever the machine's speed; then it runs and every stream
+   completes. The gateway's resident memory (VmRSS) before, with all open, at the sampled peak
+   while they stream, and after; VmHWM is the kernel's peak.
 Results go to `<out>/gateway.json` and `gateway.md`.
 """
 
@@ -94,6 +96,14 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _set_gate(gate: Path, *, hold: bool) -> None:
+    """The worker's test gate: present and empty holds its engine, absent lets it run."""
+    if hold:
+        gate.write_text("")
+    else:
+        gate.unlink(missing_ok=True)
+
+
 def _ms(values: list[float]) -> dict[str, float]:
     s = summarize(values)
     return {} if s is None else {k: round(v, 2) for k, v in s.to_json(1000).items()}
@@ -138,9 +148,11 @@ async def run(options: GatewayBenchOptions) -> dict[str, Any]:
     model = Path(options.model).name
     result: dict[str, Any] = {"options": {k: str(v) for k, v in asdict(options).items()},
                               "load_before": os.getloadavg()}
+    gate = (log_dir / "gate").resolve()
     async with local_fleet(worker_args(options.model, max_num_seqs=64,
                                        max_num_batched_tokens=512, kv_cache_bytes=None,
-                                       max_model_len=None), log_dir=log_dir) as fleet:
+                                       max_model_len=None), log_dir=log_dir,
+                           env={"STREAMER_TEST_GATE": str(gate)}) as fleet:
         gateway, url = await _start_gateway(fleet, log_dir)
         limits = httpx.Limits(max_connections=options.streams + 16,
                               max_keepalive_connections=options.streams + 16)
@@ -175,6 +187,11 @@ async def run(options: GatewayBenchOptions) -> dict[str, Any]:
                     lat["gateway_ttft_ms"]["p50"] - lat["direct_ttft_ms"]["p50"], 2)
                 lat["e2e_overhead_p50_ms"] = round(
                     lat["gateway_e2e_ms"]["p50"] - lat["direct_e2e_ms"]["p50"], 2)
+                # Each gateway request ran right after its direct twin, under nearly the same
+                # load: the median of the pairs' differences is the steadier estimate.
+                pairs = sorted(g[0] - d[0] for d, g in zip(direct, through, strict=True))
+                lat["ttft_overhead_paired_median_ms"] = round(
+                    pairs[len(pairs) // 2] * 1000, 2)
                 lat["gateway_cpu_ms_per_request"] = round(cpu * 1000 / options.requests, 2)
                 result["throughput"] = {}
                 for name, one in (("direct", lambda i: _direct(client, i, options.max_tokens * 4)),
@@ -189,7 +206,7 @@ async def run(options: GatewayBenchOptions) -> dict[str, Any]:
                         "requests": len(done), "tokens": tokens, "wall_s": round(wall, 3),
                         "tokens_per_s": round(tokens / wall, 1),
                         "gateway_cpu_s": round(_cpu_s(gateway.pid) - cpu_before, 3)}
-                result["streams"] = await _hold(options, http, url, model, gateway.pid)
+                result["streams"] = await _hold(options, http, url, model, gateway.pid, gate)
         finally:
             gateway.terminate()
             await asyncio.wait_for(gateway.wait(), 30)
@@ -198,22 +215,32 @@ async def run(options: GatewayBenchOptions) -> dict[str, Any]:
 
 
 async def _hold(options: GatewayBenchOptions, http: httpx.AsyncClient, url: str, model: str,
-                pid: int) -> dict[str, Any]:
+                pid: int, gate: Path) -> dict[str, Any]:
     before = _rss(pid)
-    peak = {"open": 0.0, "rss_kib": before["VmRSS"]}
+    _set_gate(gate, hold=True)  # no stream can finish before all are open
+    peak = {"rss_kib": before["VmRSS"]}
     stop = asyncio.Event()
 
     async def sample() -> None:
         while not stop.is_set():
-            peak["open"] = max(peak["open"], await _open_streams(url))
             peak["rss_kib"] = max(peak["rss_kib"], _rss(pid)["VmRSS"])
             await asyncio.sleep(0.2)
 
-    sampler = asyncio.create_task(sample())
     began, cpu_before = time.perf_counter(), _cpu_s(pid)
-    outcomes = await asyncio.gather(*(_via_gateway(http, url, model, 5000 + i,
-                                                   options.stream_tokens)
-                                      for i in range(options.streams)), return_exceptions=True)
+    streams = asyncio.gather(*(_via_gateway(http, url, model, 5000 + i, options.stream_tokens)
+                               for i in range(options.streams)), return_exceptions=True)
+    try:
+        deadline = time.monotonic() + 300
+        # A remote gauge: polled, there is no event to wait on.
+        while await _open_streams(url) < options.streams and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        all_open = await _open_streams(url)
+        opened_s = time.perf_counter() - began
+        held = _rss(pid)
+    finally:
+        _set_gate(gate, hold=False)
+    sampler = asyncio.create_task(sample())
+    outcomes = await streams
     wall = time.perf_counter() - began
     cpu = _cpu_s(pid) - cpu_before
     stop.set()
@@ -221,7 +248,8 @@ async def _hold(options: GatewayBenchOptions, http: httpx.AsyncClient, url: str,
     ok = [o for o in outcomes if not isinstance(o, BaseException)]
     after = _rss(pid)
     return {"streams": options.streams, "completed": len(ok),
-            "failed": len(outcomes) - len(ok), "peak_open_streams": peak["open"],
+            "failed": len(outcomes) - len(ok), "open_at_once": all_open,
+            "open_after_s": round(opened_s, 2), "rss_mib_all_open": round(held["VmRSS"] / 1024, 1),
             "wall_s": round(wall, 2), "tokens": sum(o[2] for o in ok),
             "gateway_cpu_s": round(cpu, 2),
             "gateway_cpu_ms_per_1k_tokens": round(cpu * 1e6 / max(1, sum(o[2] for o in ok)), 1),
@@ -230,7 +258,7 @@ async def _hold(options: GatewayBenchOptions, http: httpx.AsyncClient, url: str,
             "rss_mib_peak_sampled": round(peak["rss_kib"] / 1024, 1),
             "rss_mib_after": round(after["VmRSS"] / 1024, 1),
             "hwm_mib": round(after["VmHWM"] / 1024, 1),
-            "kib_per_stream": round((peak["rss_kib"] - before["VmRSS"]) / options.streams, 1)}
+            "kib_per_stream": round((held["VmRSS"] - before["VmRSS"]) / options.streams, 1)}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -242,7 +270,8 @@ def markdown(result: dict[str, Any]) -> str:
         t, e = lat[f"{path}_ttft_ms"], lat[f"{path}_e2e_ms"]
         lines.append(f"| {path} | {t['p50']} ms | {t['p90']} ms | {e['p50']} ms | "
                      f"{e['p90']} ms |")
-    lines += ["", f"Overhead p50: TTFT {lat['ttft_overhead_p50_ms']} ms, e2e "
+    lines += ["", f"Overhead p50: TTFT {lat['ttft_overhead_p50_ms']} ms (median of paired "
+              f"differences {lat['ttft_overhead_paired_median_ms']} ms), e2e "
               f"{lat['e2e_overhead_p50_ms']} ms; gateway CPU "
               f"{lat['gateway_cpu_ms_per_request']} ms per request beyond its idle "
               f"{result['gateway_idle_cpu_ms_per_s']} ms per second.", "",
@@ -251,9 +280,10 @@ def markdown(result: dict[str, Any]) -> str:
     for path, t in thr.items():
         lines.append(f"| {path} | {t['requests']} | {t['tokens']} | {t['wall_s']} s | "
                      f"{t['tokens_per_s']} | {t['gateway_cpu_s']} s |")
-    lines += ["", f"{st['streams']} streams opened at once: {st['completed']} completed, "
-              f"{st['failed']} failed, peak open {st['peak_open_streams']:.0f}, "
-              f"{st['wall_s']} s; gateway RSS {st['rss_mib_before']} MiB before, "
+    lines += ["", f"{st['streams']} streams: {st['open_at_once']:.0f} open at once after "
+              f"{st['open_after_s']} s (engine held), then {st['completed']} completed, "
+              f"{st['failed']} failed, in {st['wall_s']} s; gateway RSS "
+              f"{st['rss_mib_before']} MiB before, {st['rss_mib_all_open']} MiB with all open, "
               f"{st['rss_mib_peak_sampled']} MiB at the sampled peak (VmHWM {st['hwm_mib']} MiB), "
               f"{st['rss_mib_after']} MiB after ({st['kib_per_stream']} KiB per stream); "
               f"gateway CPU {st['gateway_cpu_s']} s ({st['gateway_cpu_ms_per_1k_tokens']} ms per "
