@@ -171,8 +171,9 @@ class Completions:
                     update = pending.pop(0)
                 else:
                     try:
-                        # No task per update (wait_for makes one): the loop's clock is monotonic.
-                        async with asyncio.timeout_at(deadline):
+                        # No task per update (wait_for makes one); in the loop's own clock.
+                        loop = asyncio.get_running_loop()
+                        async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
                             update = await anext(updates)
                     except StopAsyncIteration:
                         break
