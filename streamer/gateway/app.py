@@ -105,6 +105,11 @@ class Gateway:
             except ApiError as error:
                 self.metrics.errors.labels(code=str(error.code)).inc()
                 response = JSONResponse(error.body(), status_code=error.status)
+            except Exception as exc:  # a bug: still an OpenAI-shaped answer, and a log line
+                log.exception("gateway_route_failed", endpoint=endpoint, error=repr(exc)[:300])
+                error = ApiError(500, "internal error in the gateway", code="internal")
+                self.metrics.errors.labels(code="internal").inc()
+                response = JSONResponse(error.body(), status_code=500)
             self.metrics.requests.labels(endpoint=endpoint,
                                          status=str(response.status_code)).inc()
             return response

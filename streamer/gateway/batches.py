@@ -30,6 +30,7 @@ from typing import Any
 import msgspec
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from streamer import protocol
 from streamer.aio import cancel_and_wait
@@ -45,6 +46,8 @@ log = structlog.get_logger(__name__)
 
 ENDPOINTS: dict[str, fmt.Kind] = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 PRODUCE_CHUNK = 500
+RETRY_S = 1.0  # after a Kafka error (the broker is away), try again this soon
+TRANSIENT = (KafkaError, ConnectionError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -229,9 +232,15 @@ class BatchRunner:
         headers = [("content-type", b"application/json"),
                    (protocol.PROTOCOL_HEADER, str(protocol.PROTOCOL_VERSION).encode())]
         for chunk in _chunks(pending, PRODUCE_CHUNK):
-            acks = [await self._producer.send(topic, payload, key=rid.encode(), headers=headers)
-                    for rid, payload in chunk]
-            await asyncio.gather(*acks)
+            while True:  # a chunk produced twice is harmless (see the module docstring)
+                try:
+                    acks = [await self._producer.send(topic, payload, key=rid.encode(),
+                                                      headers=headers) for rid, payload in chunk]
+                    await asyncio.gather(*acks)
+                    break
+                except TRANSIENT as exc:
+                    log.warning("gateway_batch_produce_retrying", error=repr(exc)[:200])
+                    await asyncio.sleep(RETRY_S)
             await asyncio.to_thread(self.store.mark_submitted, [rid for rid, _ in chunk])
 
     async def _end_offsets(self, request_ids: list[str]) -> dict[int, int]:
@@ -250,7 +259,12 @@ class BatchRunner:
             if not consumer.assignment():
                 await asyncio.sleep(0.1)
                 continue
-            batches = await consumer.getmany(timeout_ms=500)
+            try:
+                batches = await consumer.getmany(timeout_ms=500)
+            except TRANSIENT as exc:
+                log.debug("gateway_batch_fetch_failed", error=repr(exc)[:200])
+                await asyncio.sleep(RETRY_S)
+                continue
             results: list[tuple[str, bool, dict[str, Any]]] = []
             touched: set[str] = set()
             for records in batches.values():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import msgspec
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from streamer import protocol
 from streamer.aio import cancel_and_wait
@@ -122,7 +123,12 @@ class FleetView:
                 await consumer.topics()
             await asyncio.sleep(1.0)
         while True:
-            batches = await consumer.getmany(timeout_ms=500)
+            try:
+                batches = await consumer.getmany(timeout_ms=500)
+            except (KafkaError, ConnectionError, TimeoutError) as exc:  # the broker is away
+                log.debug("gateway_workers_fetch_failed", error=repr(exc)[:200])
+                await asyncio.sleep(1.0)
+                continue
             for records in batches.values():
                 for record in records:
                     self._on_record(record.key, record.value)

@@ -13,12 +13,16 @@ from typing import Any
 
 import msgspec
 import structlog
+from aiokafka.errors import KafkaError
 
 from streamer.client import RequestHandle, StreamerClient
 from streamer.config import KafkaSettings
-from streamer.gateway.openai_format import invalid
+from streamer.gateway.openai_format import ApiError, invalid
 
 log = structlog.get_logger(__name__)
+
+SUBMIT_TIMEOUT_S = 10.0
+"""How long producing a request may take before the caller gets 503 (the broker is away)."""
 
 
 class Streams:
@@ -38,9 +42,17 @@ class Streams:
     async def submit(self, request_id: str, priority: str, fields: dict[str, Any]) -> RequestHandle:
         """Produce the request (its output partitions are read first) and return its handle."""
         try:
-            return await self.client.submit(request_id=request_id, priority=priority, **fields)
+            return await asyncio.wait_for(
+                self.client.submit(request_id=request_id, priority=priority, **fields),
+                SUBMIT_TIMEOUT_S)
         except msgspec.ValidationError as exc:  # the field check the worker would do, earlier
             raise invalid(str(exc), code="invalid_field") from None
+        except (KafkaError, ConnectionError, TimeoutError) as exc:
+            # It may still reach the lane later: make sure it does not run for nobody.
+            self.abandon(request_id)
+            log.warning("gateway_submit_failed", request_id=request_id, error=repr(exc)[:200])
+            raise ApiError(503, "the gateway cannot reach Kafka right now; retry later",
+                           code="kafka_unavailable") from None
 
     def abandon(self, request_id: str) -> None:
         """Nobody waits for the request any more: stop following it and cancel it on the fleet.
