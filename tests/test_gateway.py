@@ -225,6 +225,51 @@ async def test_disconnecting_mid_stream_cancels_the_request_on_the_worker(fleet:
     assert await cancels() >= 1
 
 
+async def test_a_client_leaving_a_non_streamed_request_cancels_it(fleet: Fleet) -> None:
+    """Not streamed, the request id is only in the answer: the outcome is found by its `user`."""
+    user = f"leaver-{uuid.uuid4().hex[:8]}"
+    fleet.gate.hold_at(3)
+    try:
+        async with httpx.AsyncClient(timeout=120) as http:
+            waiting = asyncio.create_task(http.post(fleet.gateway.url + "/v1/completions", json={
+                "model": fleet.model.name, "prompt": PROMPTS[2], "max_tokens": 900,
+                "ignore_eos": True, "user": user}))
+
+            def open_requests() -> float:
+                text = httpx.get(fleet.gateway.url + "/metrics").text
+                return next(float(line.split()[-1]) for line in text.splitlines()
+                            if line.startswith("streamer_gateway_open_streams "))
+
+            await until(lambda: open_requests() >= 1, what="the request is in the fleet")
+            waiting.cancel()  # the HTTP connection is dropped without an answer
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        outcome = await outcome_with_user(fleet.kafka, fleet.prefix, user)
+        assert outcome.type is protocol.EventType.CANCELLED
+    finally:
+        fleet.gate.release()
+
+
+async def outcome_with_user(kafka: KafkaSettings, prefix: str, user: str) -> protocol.Event:
+    """The terminal event whose echoed metadata names `user`, read from the events' start."""
+    consumer = AIOKafkaConsumer(**kafka.client_kwargs(), group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        topic = protocol.events_topic(prefix)
+        await consumer.topics()
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        while True:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    event = protocol.decode_event(record.value)
+                    if event.type.is_terminal and (event.metadata or {}).get("user") == user:
+                        return event
+    finally:
+        await consumer.stop()
+
+
 async def test_a_saturated_lane_is_429_and_a_passed_deadline_504(fleet: Fleet) -> None:
     gateway = fleet.gateways.start(fleet.prefix, "--max-backlog", "0",
                                    "--backlog-refresh-s", "0.2")
