@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
@@ -163,7 +162,3 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 def create_app(config: GatewayConfig) -> Starlette:
     return Gateway(config).app()
-
-
-def now_s() -> int:
-    return int(time.time())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -90,10 +91,10 @@ class BatchApi:
                                         batch_id)
         known = {m.name for m in self.fleet.models()}
         if known:  # with no worker announced, models cannot be checked: the lines wait
-            lines = [line if line.error or line.model in known else
-                     line.__class__(line.custom_id, line.model, None, fmt.ApiError(
-                         404, f"The model `{line.model}` does not exist",
-                         code="model_not_found")) for line in lines]
+            lines = [line if line.error or line.model in known else dataclasses.replace(
+                line, payload=None, error=fmt.ApiError(
+                    404, f"The model `{line.model}` does not exist", code="model_not_found"))
+                for line in lines]
         batch = {"id": batch_id, "object": "batch", "endpoint": endpoint, "errors": None,
                  "input_file_id": file_id, "completion_window": body.get("completion_window",
                                                                          "24h"),

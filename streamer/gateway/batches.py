@@ -204,7 +204,8 @@ class BatchRunner:
 
     async def _resume(self, batch_id: str, status: str, priority: str,
                       offsets: dict[int, int]) -> None:
-        self._kinds[batch_id] = ENDPOINTS_BY_KIND.get(self.store.kind(batch_id), "chat")
+        self._kinds[batch_id] = ENDPOINTS["/v1/completions" if self.store.kind(batch_id)
+                                          == "completion" else "/v1/chat/completions"]
         lines = self.store.open_lines(batch_id)
         if status == "validating":
             body = self.store.batch(batch_id) or {}
@@ -334,9 +335,6 @@ class BatchRunner:
         self._kinds.pop(batch_id, None)
         self._remaining.pop(batch_id, None)
         log.info("gateway_batch_done", batch=batch_id, status=body["status"])
-
-
-ENDPOINTS_BY_KIND: dict[str, fmt.Kind] = {"chat": "chat", "completion": "completion"}
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
