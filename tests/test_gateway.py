@@ -281,7 +281,8 @@ async def test_a_saturated_lane_is_429_and_a_passed_deadline_504(fleet: Fleet) -
 
             def low_backlog() -> bool:
                 text = httpx.get(gateway.url + "/metrics").text
-                return 'streamer_gateway_lane_backlog{lane="low"} 1.0' in text
+                return any(line.startswith('streamer_gateway_lane_backlog{lane="low"}')
+                           and float(line.split()[-1]) >= 1 for line in text.splitlines())
 
             await until(low_backlog, what="the gateway sees the low lane's backlog")
             sdk = fleet.sdk(gateway)
