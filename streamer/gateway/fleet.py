@@ -58,8 +58,10 @@ class FleetView:
         self._consumer = AIOKafkaConsumer(**self.kafka.client_kwargs(), group_id=None,
                                           enable_auto_commit=False, fetch_max_wait_ms=200)
         await self._consumer.start()
-        self._tasks = [asyncio.create_task(self._read(), name="gateway-workers"),
-                       asyncio.create_task(self._refresh_backlog(), name="gateway-backlog")]
+        self._tasks = [asyncio.create_task(self._read(), name="gateway-workers")]
+        if self.max_backlog is not None:  # no limit: nothing to read it for
+            self._tasks.append(asyncio.create_task(self._refresh_backlog(),
+                                                   name="gateway-backlog"))
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
