@@ -68,3 +68,10 @@ def test_k8s_gateway_deployment_service_volume_and_monitor() -> None:
     assert monitor["selector"]["matchLabels"].items() <= labels.items()
     assert monitor["podMetricsEndpoints"][0] == {"port": "http", "path": "/metrics",
                                                   "interval": "15s"}
+
+
+def test_the_gateway_package_is_installed_with_streamer() -> None:
+    """The image installs the package with setuptools: a folder without __init__.py is left out."""
+    from setuptools import find_packages
+
+    assert "streamer.gateway" in find_packages(str(ROOT), include=["streamer*"])
