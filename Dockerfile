@@ -1,5 +1,6 @@
 # streamer worker image (CPU). Build: docker build -t streamer .
-# The same image runs every subcommand: worker, topics apply, model init-tiny, submit, top.
+# The same image runs every subcommand: worker, gateway, topics apply, model init-tiny, submit,
+# top.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -27,14 +28,14 @@ RUN pip install /tmp/src \
 # Non-root. /models is created here, owned by the user, so a named volume mounted on it (Compose's
 # model-init writes the tiny model there) inherits that ownership and stays writable.
 RUN useradd --create-home --uid 10001 --user-group streamer \
-    && mkdir -p /models \
-    && chown streamer:streamer /models
+    && mkdir -p /models /data \
+    && chown streamer:streamer /models /data
 USER streamer
 WORKDIR /home/streamer
 ENV HF_HOME=/home/streamer/.cache/huggingface
 
-# Metrics, /healthz and /readyz (--metrics-port / STREAMER_METRICS_PORT).
-EXPOSE 9400
+# Metrics, /healthz and /readyz (--metrics-port / STREAMER_METRICS_PORT); the gateway's HTTP.
+EXPOSE 9400 8000
 
 ENTRYPOINT ["streamer"]
 CMD ["--help"]

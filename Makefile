@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/streamer demo
 
+# Two test processes (one per core): most tests wait on brokers, worker processes and rebalances,
+# so two run in about the wall time of one. Tests in one file stay in one process.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -15,7 +15,10 @@ from typing import Any
 from streamer import protocol
 from streamer.config import KafkaSettings, WorkerConfig
 from streamer.settings import (
+    GATEWAY_SECTIONS,
     SECTIONS,
+    Section,
+    load_gateway_config,
     load_worker_config,
     read_config_file,
     resolve_settings,
@@ -35,6 +38,7 @@ def add_setting_flags(
     sections: Collection[str] | None = None,
     exclude: Collection[str] = (),
     help_overrides: Mapping[str, str] | None = None,
+    registry: tuple[Section, ...] = SECTIONS,
 ) -> None:
     """One flag per setting, generated from the config dataclasses, grouped by section.
 
@@ -42,11 +46,11 @@ def add_setting_flags(
     parser (`streamer.settings.resolve_settings`) and one error message.
     """
     help_overrides = help_overrides or {}
-    for section in SECTIONS:
+    for section in registry:
         if sections is not None and section.attr not in sections:
             continue
         group = parser.add_argument_group(f"{section.title.lower()} settings")
-        for s in settings():
+        for s in settings(registry):
             if s.section != section.attr or s.flag is None or s.name in exclude:
                 continue
             text = help_overrides.get(s.name, s.help)
@@ -373,6 +377,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from streamer.observability.logging import configure_logging
+
+    configure_logging(_log_level(args))
+    flags = {s.name: getattr(args, s.name, None) for s in settings(GATEWAY_SECTIONS)}
+    try:
+        config = load_gateway_config(flags)
+    except ValueError as exc:
+        print(f"streamer gateway: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    from streamer.gateway.server import run
+
+    run(config)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from streamer.demo import run_demo
 
@@ -528,6 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "one session reach the worker whose prefix cache holds it")
     _add_common(p)
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "gateway", help="OpenAI-compatible HTTP gateway over the fleet (docs/gateway.md)",
+        description="Serves the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, "
+        "files and batches) and turns every call into a Kafka request on a priority lane.")
+    p.add_argument("--log-level", help="log level [STREAMER_LOG_LEVEL; default INFO]")
+    add_setting_flags(p, registry=GATEWAY_SECTIONS)
+    p.set_defaults(func=cmd_gateway)
 
     from streamer.bench.cli import add_bench_parser
 

@@ -381,6 +381,10 @@ class StreamerClient:
             handle.since_ms = protocol.now_ms()
         return handle
 
+    def forget(self, request_id: str) -> None:
+        """Stop following a request: its later outputs are skipped (e.g. its caller left)."""
+        self._handles.pop(request_id, None)
+
     async def cancel(self, request_id: str) -> None:
         message = protocol.ControlMessage(type="cancel", request_id=request_id)
         await self._producer.send_and_wait(

@@ -12,6 +12,7 @@ import ssl
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 from streamer.validation import RequestLimits
@@ -297,6 +298,12 @@ class WorkerConfig:
     embedded broker loses them on restart). Off (`--no-apply-topics`, what the deploy files
     set): create nothing, check that every topic the worker uses exists, and exit 1 naming the
     missing ones."""
+    model_name: str = ""
+    """Name the worker announces for its model on <prefix>.workers (what OpenAI clients pass
+    as `model` to the gateway); empty: the last part of the model path."""
+    announce_interval_s: float = 5.0
+    """How often the worker announces itself (model, readiness) on <prefix>.workers; a change
+    of readiness is announced at once."""
 
     @property
     def consumer_group(self) -> str:
@@ -305,6 +312,11 @@ class WorkerConfig:
     @property
     def name(self) -> str:
         return self.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+
+    @property
+    def served_model_name(self) -> str:
+        """The model's name on <prefix>.workers and in the gateway's /v1/models."""
+        return self.model_name or PurePath(self.engine.model).name or self.engine.model
 
     def validate(self) -> None:
         errors = []
@@ -325,7 +337,8 @@ class WorkerConfig:
                          "chunk_ms", "fetch_max_wait_ms", "progress_s", "progress_wait_s")
 
         errors += [f"{name}={getattr(self, name)} must be > 0"
-                   for name in ("shutdown_timeout_s", "stall_timeout_s", "commit_interval_s")
+                   for name in ("shutdown_timeout_s", "stall_timeout_s", "commit_interval_s",
+                                "announce_interval_s")
                    if getattr(self, name) <= 0]
         if errors:
             raise ValueError("; ".join(errors))
@@ -339,3 +352,69 @@ def _below(config: object, least: float, *names: str) -> list[str]:
         if getattr(config, name) is not None and getattr(config, name) < least
     ]
 
+
+
+GATEWAY_PRIORITIES = ("urgent", "high", "normal", "low")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """`streamer gateway`: the OpenAI-compatible HTTP front of the fleet (docs/gateway.md)."""
+
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    """How the gateway reaches the cluster."""
+    prefix: str = field(default="llm", metadata={"env": "STREAMER_PREFIX"})
+    """Topic prefix of the fleet it fronts."""
+    group_id: str | None = field(default=None, metadata={"env": "STREAMER_GROUP_ID",
+                                                         "aliases": ("--group",)})
+    """The workers' consumer group, whose lag is the lanes' backlog; none: the default group of
+    the prefix."""
+    host: str = "0.0.0.0"
+    """Address the HTTP server listens on."""
+    port: int = 8000
+    """HTTP port; 0 picks a free one (logged as gateway_listening)."""
+    api_keys: tuple[str, ...] = field(default=(), repr=False, metadata={"flag": "--api-key"})
+    """Bearer tokens accepted, comma separated (a flag shows in `ps`: prefer the variable or
+    api_key_file). No key at all: no authentication. Never logged."""
+    api_key_file: str | None = None
+    """File of accepted API keys, one a line (blank lines and # comments skipped), read at
+    start and added to api_keys."""
+    default_priority: str = "normal"
+    """Lane of a request that names none (x-streamer-priority header or `priority` field)."""
+    max_backlog: int | None = 1000
+    """A lane whose backlog (its end offsets minus the workers' committed offsets, summed over
+    its partitions) is above this answers new requests with 429; none disables the check."""
+    backlog_refresh_s: float = 1.0
+    """How often the lanes' backlog is read from Kafka."""
+    request_timeout_s: float = 600.0
+    """Longest a request may take: its deadline_ms is now plus this (a shorter
+    x-streamer-timeout header wins); past it the answer is 504."""
+    worker_ttl_s: float = 15.0
+    """A worker whose last announcement on <prefix>.workers is older than this counts as gone."""
+    batch_db: str = ".streamer/gateway.db"
+    """SQLite file holding uploaded files, batches and their results (keep it on a volume)."""
+    batch_priority: str = "low"
+    """Lane of batch lines when the batch names none."""
+
+    def validate(self) -> None:
+        errors = []
+        try:
+            self.kafka.validate()
+        except ValueError as exc:
+            errors.append(str(exc))
+        if not self.prefix or any(c.isspace() for c in self.prefix):
+            errors.append(f"prefix={self.prefix!r} must be a non-empty topic-name prefix")
+        if not 0 <= self.port < 65536:
+            errors.append(f"port={self.port} is not a port")
+        errors += [f"{name}={getattr(self, name)!r}; expected one of "
+                   f"{', '.join(GATEWAY_PRIORITIES)}"
+                   for name in ("default_priority", "batch_priority")
+                   if getattr(self, name) not in GATEWAY_PRIORITIES]
+        errors += _below(self, 0, "max_backlog")
+        errors += [f"{name}={getattr(self, name)} must be > 0"
+                   for name in ("backlog_refresh_s", "request_timeout_s", "worker_ttl_s")
+                   if getattr(self, name) <= 0]
+        if any(not key.strip() for key in self.api_keys):
+            errors.append("api_keys must not contain an empty key")
+        if errors:
+            raise ValueError("; ".join(errors))

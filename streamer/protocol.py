@@ -305,3 +305,29 @@ def progress_topic(prefix: str) -> str:
 
 def dlq_topic(prefix: str) -> str:
     return f"{prefix}.requests.dlq"
+
+
+def workers_topic(prefix: str) -> str:
+    return f"{prefix}.workers"
+
+
+# --------------------------------------------------------------------------------------------
+# Worker announcements (llm.workers, compacted, key = worker name)
+
+
+class WorkerStatus(Struct, frozen=True, kw_only=True):
+    """What a worker announces about itself every `interval_ms` and whenever its readiness
+    changes. A clean stop writes a tombstone (no value) for its key."""
+
+    worker: str
+    model: str  # the name clients ask for (the gateway's /v1/models)
+    ready: bool
+    ts: int  # epoch ms, the worker's clock
+    interval_ms: int  # the next announcement is due within this
+
+
+_status_decoder = msgspec.json.Decoder(WorkerStatus)
+
+
+def decode_worker_status(data: bytes) -> WorkerStatus:
+    return _status_decoder.decode(data)

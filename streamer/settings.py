@@ -21,7 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Union, get_args, get_origin, get_type_hints
 
-from streamer.config import CacheConfig, EngineConfig, KafkaSettings, WorkerConfig
+from streamer.config import (
+    CacheConfig,
+    EngineConfig,
+    GatewayConfig,
+    KafkaSettings,
+    WorkerConfig,
+)
 from streamer.validation import RequestLimits
 
 
@@ -45,6 +51,12 @@ SECTIONS = (
 )
 """Every section, in documentation order. A field's names can be changed with field metadata:
 "env", "flag" (None: environment only) and "aliases" (more flags)."""
+
+GATEWAY_SECTIONS = (
+    Section("", GatewayConfig, "STREAMER_GATEWAY_", "--", "Gateway"),
+    Section("kafka", KafkaSettings, "STREAMER_KAFKA_", "--kafka-", "Kafka"),
+)
+"""`streamer gateway`'s settings: GatewayConfig and the same Kafka section as the worker's."""
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -125,7 +137,7 @@ class Setting:
         if isinstance(value, bool):
             return str(value).lower()
         if isinstance(value, tuple):
-            return ",".join(map(str, value))
+            return ",".join(map(str, value)) or '""'
         return str(value) if value != "" else '""'
 
 
@@ -163,10 +175,11 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 @functools.cache
-def settings() -> tuple[Setting, ...]:
-    """Every configurable field of WorkerConfig and its sections, in documentation order."""
+def settings(sections: tuple[Section, ...] = SECTIONS) -> tuple[Setting, ...]:
+    """Every configurable field of WorkerConfig (or of another root, e.g. GATEWAY_SECTIONS) and
+    its sections, in documentation order."""
     found = []
-    for section in SECTIONS:
+    for section in sections:
         hints = get_type_hints(section.cls)
         docs = field_docs(section.cls)
         for f in dataclasses.fields(section.cls):
@@ -228,6 +241,7 @@ def resolve_settings(
     *,
     section: str | None = None,
     file: Mapping[str, str] | None = None,
+    sections: tuple[Section, ...] = SECTIONS,
 ) -> dict[str, tuple[Any, str]]:
     """The settings given by a flag or, failing that, a variable or, failing that, the config
     file: name -> (value, source).
@@ -241,7 +255,7 @@ def resolve_settings(
     file = file or {}
     given: dict[str, tuple[Any, str]] = {}
     errors = []
-    for s in settings():
+    for s in settings(sections):
         if section is not None and s.section != section:
             continue
         raw, source = flags.get(s.name), s.flag or s.name
@@ -284,6 +298,19 @@ def load_worker_config(
     return config
 
 
+def load_gateway_config(
+    flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """A validated GatewayConfig from flags, then environment variables, then defaults."""
+    parts: dict[str, dict[str, Any]] = {section.attr: {} for section in GATEWAY_SECTIONS}
+    by_name = {s.name: s for s in settings(GATEWAY_SECTIONS)}
+    for name, (value, _) in resolve_settings(flags, env, sections=GATEWAY_SECTIONS).items():
+        parts[by_name[name].section][name] = value
+    config = GatewayConfig(kafka=KafkaSettings(**parts["kafka"]), **parts[""])
+    config.validate()
+    return config
+
+
 def settings_markdown() -> str:
     """docs/configuration.md: one table per section, every setting with its flag and variable."""
     lines = [
@@ -310,6 +337,15 @@ def settings_markdown() -> str:
             if s.off_flag:
                 flags = [f"{s.flag} / {s.off_flag}", *s.aliases]
             flag = ", ".join(f"`{f}`" for f in flags) or "–"
+            cells = [flag, f"`{s.env}`", f"`{s.default_text}`", s.help]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    gateway = GATEWAY_SECTIONS[0]
+    lines += ["", "## Gateway", "", " ".join((gateway.cls.__doc__ or "").split())
+              + " Kafka settings are the worker's (above).", "",
+              "| Flag | Environment | Default | Description |", "|---|---|---|---|"]
+    for s in settings(GATEWAY_SECTIONS):
+        if s.section == gateway.attr:
+            flag = ", ".join(f"`{f}`" for f in (s.flag, *s.aliases) if f) or "–"
             cells = [flag, f"`{s.env}`", f"`{s.default_text}`", s.help]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"

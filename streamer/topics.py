@@ -89,11 +89,12 @@ def load_specs(prefix: str = "llm", directory: Path | None = None) -> list[Topic
 
 
 def worker_topics(prefix: str) -> list[str]:
-    """Every topic a worker reads or writes: the four lanes, outputs, control, DLQ, progress."""
+    """Every topic a worker reads or writes: the four lanes, outputs, control, DLQ, progress,
+    announcements."""
     return [*(protocol.request_topic(prefix, p) for p in protocol.PRIORITIES),
             protocol.tokens_topic(prefix), protocol.events_topic(prefix),
             protocol.control_topic(prefix), protocol.dlq_topic(prefix),
-            protocol.progress_topic(prefix)]
+            protocol.progress_topic(prefix), protocol.workers_topic(prefix)]
 
 
 @dataclass(frozen=True)

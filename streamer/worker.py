@@ -28,6 +28,7 @@ from streamer.config import WorkerConfig
 from streamer.egress.outcomes import Outcomes, ProgressPolicy
 from streamer.egress.publisher import Publisher
 from streamer.engine.engine import Engine
+from streamer.health.announce import Announcer
 from streamer.health.gauges import EngineGauges
 from streamer.health.monitor import Health
 from streamer.intake.control import ControlListener
@@ -85,6 +86,11 @@ class Worker:
             lambda: render(self.metrics), healthy=self.health.healthy, ready=self.health.ready,
             port=config.metrics_port,
         )
+        self.announcer = Announcer(
+            lambda topic, value, key: self.publisher.send(topic, value, key, []),
+            config.prefix, self.name, config.served_model_name,
+            ready=lambda: self.health.ready()[0], interval_s=config.announce_interval_s,
+        )
         self._stopping = asyncio.Event()
         self._hurry = asyncio.Event()
 
@@ -120,6 +126,7 @@ class Worker:
             await self.intake.start()
             await self.committer.start()
             await self.health.start()
+            await self.announcer.start()
             self.log.info("worker_started", group=cfg.consumer_group,
                           topics=list(self.intake.lanes))
             await self._intake_loop()
@@ -161,6 +168,7 @@ class Worker:
         cfg, timeout = self.config, self.config.shutdown_timeout_s
         self.health.stopping = True
         self.metrics.set_ready(False)
+        await _bounded("announcer", self.announcer.stop(timeout), timeout + 1)
         flights = self.intake.flights.all()
         self.log.info("worker_stopping", inflight=len(flights))
         await self._drain([f.task for f in flights if f.task is not None], cfg.shutdown_grace_s)

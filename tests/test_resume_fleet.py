@@ -5,11 +5,13 @@ of the topics (segments of `started.resumed`) gives the uninterrupted text."""
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections import defaultdict
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from conftest import partitions_of, until
+from prometheus_client.parser import text_string_to_metric_families
 from reference import PROMPTS, greedy_text
 
 from streamer import protocol
@@ -97,7 +99,7 @@ async def test_a_killed_workers_requests_resume_from_their_progress(
         raise TimeoutError("progress of 8 tokens was not recorded for every request")
     first.kill()
     at_kill = await _progress(kafka_settings, prefix)
-    start_worker("--max-num-seqs", "16")
+    second = start_worker("--max-num-seqs", "16")
     results = await asyncio.gather(*(h.result(180) for h in handles))
     chunks = await _chunks(kafka_settings, prefix)
 
@@ -125,6 +127,14 @@ async def test_a_killed_workers_requests_resume_from_their_progress(
         assert all(result.token_ids[index] == token for index, token in old)
         regenerated += len(old)
     assert regenerated <= 8 * 3, "at most the tokens since the last record (4 + a held step)"
+    # The new owner counts what it did not have to generate again.
+    assert second.metrics_port is not None
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{second.metrics_port}/metrics",
+                                     timeout=10).read().decode()
+    values = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
+    assert values["streamer_resumed_attempts_total"] == len(handles)
+    assert values["streamer_resumed_tokens_total"] == sum(
+        len(at_kill[h.request_id].token_ids) for h in handles)
     # Seeded sampling continued exactly: the same requests again, uninterrupted, on w1.
     for i, seed in sampled.items():
         again = await client.submit(prompts[i], max_tokens=MAX_TOKENS, ignore_eos=True,

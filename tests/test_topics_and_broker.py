@@ -26,7 +26,8 @@ from streamer.topics import (
 pytestmark = pytest.mark.kafka
 
 EXPECTED = {"requests.urgent", "requests.high", "requests.normal", "requests.low", "tokens",
-            "events", "control", "requests.dlq", "progress"}
+            "events", "control", "requests.dlq", "progress",
+            "workers"}
 
 
 def test_specs_cover_every_topic_with_every_field() -> None:

@@ -85,6 +85,21 @@ def add_bench_parser(sub: Any) -> None:
     affinity.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     affinity.add_argument("--out", type=Path, default=DEFAULT_OUT)
     affinity.set_defaults(func=cmd_affinity)
+    gateway = bsub.add_parser("gateway", help="the OpenAI gateway vs the Kafka client (TTFT, "
+                              "throughput) and many concurrent streams with memory")
+    gateway.add_argument("--model", help="model folder (default: the tiny preset's offline "
+                         "model)")
+    gateway.add_argument("--requests", type=int, default=40,
+                         help="sequential requests per path for latency (default 40)")
+    gateway.add_argument("--max-tokens", type=int, default=16)
+    gateway.add_argument("--concurrency", type=int, default=32,
+                         help="requests at once per path for throughput (default 32)")
+    gateway.add_argument("--streams", type=int, default=500,
+                         help="streaming connections held at once (default 500)")
+    gateway.add_argument("--stream-tokens", type=int, default=64,
+                         help="tokens per held stream (default 64)")
+    gateway.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    gateway.set_defaults(func=cmd_gateway)
 
     compare = bsub.add_parser("compare", help="ceiling, engine, fleet via Kafka, static and HF "
                               "continuous batching on one workload, with plots")
@@ -379,3 +394,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(report.throughput_table(groups))
     return 0 if not served.failures else 1
 
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from streamer.bench.gateway import GatewayBenchOptions, run_gateway_bench
+    from streamer.bench.suite import resolve_model
+
+    return run_gateway_bench(GatewayBenchOptions(
+        model=resolve_model(args.model, "tiny"), requests=args.requests,
+        max_tokens=args.max_tokens, concurrency=args.concurrency, streams=args.streams,
+        stream_tokens=args.stream_tokens, out=args.out))

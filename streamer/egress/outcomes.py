@@ -174,7 +174,8 @@ class Outcomes:
             return None
         record = flight.record
         return ProgressTrail(
-            self.publisher, self.spawn, request_id=flight.request.id, attempt=flight.attempt,
+            self.publisher, self.spawn, on_record=self.metrics.progress_records.inc,
+            request_id=flight.request.id, attempt=flight.attempt,
             record=(record.topic, record.partition, record.offset),
             partition=record.partition % policy.partitions, prompt_tokens=flight.prompt_tokens,
             resumed=flight.resumed, base=flight.resume_base, seed=self.seed_of(flight.request.id),

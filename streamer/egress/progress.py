@@ -32,6 +32,7 @@ class ProgressTrail:
         publisher: Publisher,
         spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
         *,
+        on_record: Callable[[], None] = lambda: None,
         request_id: str,
         attempt: str,
         record: tuple[str, int, int],
@@ -45,6 +46,7 @@ class ProgressTrail:
     ) -> None:
         self.publisher = publisher
         self.spawn = spawn
+        self.on_record = on_record
         self.request_id = request_id
         self.attempt = attempt
         self.record = record
@@ -101,6 +103,7 @@ class ProgressTrail:
         await (await self.publisher.send_progress(self.request_id, progress, self.partition))
         self._written, self._last_write, self._dirty = end, time.monotonic(), True
         self.records += 1
+        self.on_record()
 
     async def settle(self) -> None:
         """Wait for the write in flight, if any."""

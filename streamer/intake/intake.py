@@ -204,6 +204,8 @@ class Intake:
                 attempt=progress.attempt, index=stream.resumed_at, segments=progress.segments
             )
             flight.resume_base = (list(progress.token_ids), progress.text_chars)
+            self.outcomes.metrics.resumed_attempts.inc()
+            self.outcomes.metrics.resumed_tokens.inc(stream.resumed_at)
             log.info("request_resumed", request_id=request.id, attempt=flight.attempt,
                      resumes=progress.attempt, index=stream.resumed_at, worker=progress.worker)
         self.flights.add(flight)

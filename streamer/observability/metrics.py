@@ -176,6 +176,21 @@ class WorkerMetrics:
             "Running sequences preempted to make room for higher-priority work.",
             registry=r,
         )
+        self.resumed_attempts = Counter(
+            "streamer_resumed_attempts",
+            "Attempts that continued an earlier attempt's progress instead of starting over.",
+            registry=r,
+        )
+        self.resumed_tokens = Counter(
+            "streamer_resumed_tokens",
+            "Completion tokens those attempts did not have to generate again (tokens).",
+            registry=r,
+        )
+        self.progress_records = Counter(
+            "streamer_progress_records",
+            "Progress records written (acknowledged tokens of in-flight attempts).",
+            registry=r,
+        )
         self.errors = Counter(
             "streamer_errors",
             "Errors by kind (e.g. decode, produce, commit, engine, device_stats).",
