@@ -15,6 +15,8 @@ from streamer.engine import warmup
 from streamer.engine.engine import Engine
 from streamer.engine.outputs import OutputKind
 from streamer.engine.sequence import SamplingParams
+from streamer.health.monitor import Health
+from streamer.observability.metrics import WorkerMetrics
 
 
 def test_plan_covers_a_short_and_the_longest_prefill_and_every_decode_size() -> None:
@@ -58,6 +60,14 @@ async def test_warmup_leaves_no_cache_entry_and_no_written_block(tiny_model: Pat
         assert not engine.warming
         assert await _tokens(engine, prompt) == expected
         assert engine.blocks.stats.hit_tokens == 0
+        # While warming, /readyz (and streamer_ready) say not ready, whatever else holds.
+        health = Health(engine, WorkerMetrics(process_metrics=False), probe=lambda _: True,
+                        assigned=lambda: True, control_alive=lambda: True, on_tick=lambda: None,
+                        stall_timeout_s=60, devices=("cpu",))
+        assert health.ready() == (True, "ok")
+        engine.warming = True
+        assert health.ready() == (False, "warming up")
+        engine.warming = False
 
 
 @pytest.mark.kafka
