@@ -224,11 +224,18 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping of setting names to values")
     known = {s.name: s for s in settings()}
+    # A key is a setting's name or its flag without the dashes (`cache` for --cache,
+    # `cache_l1_bytes` for --cache-l1-bytes): what docs/configuration.md lists, `-` as `_`.
+    for setting in settings():
+        for flag in (setting.flag, *setting.aliases):
+            if flag:
+                known.setdefault(flag.lstrip("-").replace("-", "_"), setting)
     unknown = sorted(str(k) for k in data if k not in known)
     if unknown:
         raise ValueError(f"config file {path}: unknown settings {unknown}")
-    if secret := sorted(k for k in data if known[k].secret):
-        raise ValueError(f"config file {path}: {secret} may only come from the environment")
+    if env_only := sorted(k for k in data if known[k].flag is None):
+        raise ValueError(f"config file {path}: {env_only} may only come from the environment")
+    data = {known[k].name: v for k, v in data.items()}
     # Values as text, so a file goes through the same parser as flags and variables.
     return {k: (",".join(map(str, v)) if isinstance(v, list | tuple) else str(v).lower()
                 if isinstance(v, bool) else "none" if v is None else str(v))

@@ -52,6 +52,9 @@ def test_config_files_sit_under_flags_and_environment(tmp_path: Path) -> None:
     assert load_worker_config({"model": "m"}, env=env, file=file).engine.max_num_seqs == 16
     flags = {"model": "m", "max_num_seqs": "32"}
     assert load_worker_config(flags, env=env, file=file).engine.max_num_seqs == 32
+    path.write_text("cache: true\ncache_l1_bytes: 1000\n")  # flag names work too
+    cached = load_worker_config({"model": "m"}, env={}, file=read_config_file(path))
+    assert cached.cache.enabled and cached.cache.l1_bytes == 1000
     path.write_text("max_num_seqz: 8\n")
     with pytest.raises(ValueError, match="unknown settings"):
         read_config_file(path)
