@@ -36,3 +36,24 @@ async def committed_reaches_end(kafka_settings, prefix: str, timeout: float = 90
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     await consumer.topics()
     return consumer.partitions_for_topic(topic) or set()
+
+
+async def read_records(kafka_settings, topic: str, partitions: int  # type: ignore[no-untyped-def]
+                       ) -> list[tuple[str, bytes | None]]:
+    """(key, value) of every record of a topic, from the beginning to its current end."""
+    consumer = AIOKafkaConsumer(**kafka_settings.client_kwargs(), group_id=None,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[tuple[str, bytes | None]] = []
+        for tp in tps:
+            while await consumer.position(tp) < ends[tp]:
+                batch = await consumer.getmany(tp, timeout_ms=1000)
+                out += [(r.key.decode() if r.key else "", r.value) for r in batch.get(tp, [])]
+        return out
+    finally:
+        await consumer.stop()

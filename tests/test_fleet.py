@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from conftest import ROOT, ids_on_every_partition, partitions_of, until
+from kafka_helpers import read_records
 from reference import PROMPTS, greedy_text
 
 from streamer import protocol
@@ -43,21 +43,8 @@ def _outcome_names_the_last_attempt(result: Result) -> bool:
 
 async def _read_topic(kafka: KafkaSettings, topic: str) -> list[bytes]:
     """Every record value of a topic, from the beginning to its current end."""
-    consumer = AIOKafkaConsumer(**kafka.client_kwargs(), group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(partitions_of(topic))]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        values: list[bytes] = []
-        for tp in partitions:
-            while await consumer.position(tp) < ends[tp]:
-                batch = await consumer.getmany(tp, timeout_ms=1000)
-                values += [r.value for r in batch.get(tp, []) if r.value is not None]
-        return values
-    finally:
-        await consumer.stop()
+    records = await read_records(kafka, topic, partitions_of(topic))
+    return [value for _, value in records if value is not None]
 
 
 async def test_kill_one_of_two_workers_then_add_a_third(

@@ -9,8 +9,8 @@ import urllib.request
 from collections import defaultdict
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from conftest import partitions_of, until
+from kafka_helpers import read_records
 from prometheus_client.parser import text_string_to_metric_families
 from reference import PROMPTS, greedy_text
 
@@ -25,22 +25,7 @@ MAX_TOKENS = 40
 
 
 async def _records(kafka: KafkaSettings, topic: str) -> list[tuple[str, bytes | None]]:
-    """(key, value) of every record of a topic, from the beginning to its current end."""
-    consumer = AIOKafkaConsumer(**kafka.client_kwargs(), group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(partitions_of(topic))]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        out: list[tuple[str, bytes | None]] = []
-        for tp in partitions:
-            while await consumer.position(tp) < ends[tp]:
-                batch = await consumer.getmany(tp, timeout_ms=1000)
-                out += [(r.key.decode(), r.value) for r in batch.get(tp, [])]
-        return out
-    finally:
-        await consumer.stop()
+    return await read_records(kafka, topic, partitions_of(topic))
 
 
 async def _progress(kafka: KafkaSettings, prefix: str) -> dict[str, Progress | None]:
