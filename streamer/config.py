@@ -148,6 +148,10 @@ class EngineConfig:
     """Before the worker turns ready, run prefill and decode steps at the sizes it will use
     (one-time allocations and kernel selection), so the first request is as fast as the tenth.
     Nothing it computes stays reachable: no prefix-cache entry, no output (docs/operations.md)."""
+    model_process: bool | None = None
+    """Run the model (weights, KV pools, stages) in a child process of its own, so its forward
+    never waits for the Python of Kafka I/O on the same interpreter lock; none: on in `streamer
+    worker`, off for an engine used in-process (docs/architecture.md, "The model process")."""
     compile: bool = False
     """torch.compile each stage's decoder layers (measured in docs/benchmarks.md: on CPU it does
     not pay, so it is off). If compiling fails the worker logs it and runs uncompiled."""

@@ -11,6 +11,7 @@ period is bounded by `shutdown_timeout_s`, so a worker exits even when the broke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import time
@@ -49,7 +50,10 @@ class Worker:
         self.name = config.name if config.worker_id else f"{socket.gethostname()}-{os.getpid()}"
         self.log = log.bind(worker=self.name)
         self.metrics = WorkerMetrics(model=config.engine.model, worker=self.name)
-        self.engine = Engine(config.engine)
+        engine = config.engine
+        if engine.model_process is None:  # a worker's event loop does Kafka I/O: see remote.py
+            engine = dataclasses.replace(engine, model_process=True)
+        self.engine = Engine(engine)
         self.offsets = OffsetTracker()
         self.publisher = Publisher(config.kafka, config.prefix, self.name,
                                    on_record=self._count_output)

@@ -30,7 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Tiny models gain nothing from intra-op threads, and with worker processes sharing two cores,
 # OpenMP's spinning threads slow every process down many times over.
 torch.set_num_threads(1)
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "STREAMER_LOG_LEVEL": "INFO"}
+# Workers here run the model on their own thread: a model process costs each start a second
+# interpreter (~3 s on 2 cores). tests/test_model_process.py runs workers with the default.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "STREAMER_LOG_LEVEL": "INFO", "STREAMER_MODEL_PROCESS": "0"}
+DEFAULT_MODEL_PROCESS = {"STREAMER_MODEL_PROCESS": ""}  # none: the worker's default (on)
 
 
 def _docker_engine_answers() -> bool:

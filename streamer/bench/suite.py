@@ -75,7 +75,7 @@ def resolve_model(model: str | None, preset: str) -> str:
 
 def kv_budget(options: BenchOptions) -> int:
     """The engine's KV budget in bytes as the bench configures it (the CPU default when unset)."""
-    from streamer.engine.engine import CPU_DEFAULT_KV_BYTES
+    from streamer.engine.loading import CPU_DEFAULT_KV_BYTES
 
     return options.kv_cache_bytes or CPU_DEFAULT_KV_BYTES
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -20,24 +21,21 @@ import torch
 
 from streamer.aio import cancel_and_wait
 from streamer.config import EngineConfig
-from streamer.engine import gate, probe, warmup
+from streamer.engine import gate, warmup
 from streamer.engine import model as model_lib
 from streamer.engine.detokenizer import IncrementalDetokenizer
 from streamer.engine.kv.block_manager import BlockManager
-from streamer.engine.kv.pool import KVLayout
 from streamer.engine.limits import LimitError
+from streamer.engine.loading import load_stages
 from streamer.engine.outputs import OutputKind, RequestOutput, RequestStream
+from streamer.engine.remote import ModelProcessDied, RemotePipeline
 from streamer.engine.sampling import base_seed, sample, token_seed
 from streamer.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from streamer.engine.sequence import Resume, SamplingParams, SeqStatus, Sequence
-from streamer.engine.shell import StageShell
-from streamer.engine.stages import Pipeline, Stage, StepBatch
+from streamer.engine.stages import Pipeline, StepBatch
 from streamer.protocol import ErrorCode
 
 log = structlog.get_logger(__name__)
-
-CPU_DEFAULT_KV_BYTES = 1 << 30
-
 
 @dataclass
 class Tracked:
@@ -65,7 +63,7 @@ class Engine:
         self.tokenizer: Any = None
         self.shape: model_lib.ModelShape | None = None
         self.scheduler: Scheduler | None = None
-        self.pipeline: Pipeline | None = None
+        self.pipeline: Pipeline | RemotePipeline | None = None
         self.max_model_len = 0
         self.blocks: BlockManager | None = None
         """The one owner of KV memory (blocks shared by every stage's pool)."""
@@ -117,81 +115,53 @@ class Engine:
 
     def _load(self) -> None:
         cfg = self.config
-        model_lib.check_devices(cfg.devices)
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
-        dtype = model_lib.resolve_dtype(cfg.dtype, cfg.devices)
-        self.tokenizer = model_lib.load_tokenizer(cfg.model)
-        hf, shape = model_lib.load_model(cfg.model, dtype)
-        self.shape = shape
+        if cfg.model_process:  # weights, KV pools and stages live in a process of their own
+            remote = RemotePipeline.launch(cfg)
+            try:  # the tokenizer loads here while the model loads there
+                self.tokenizer = model_lib.load_tokenizer(cfg.model)
+                summary = remote.wait_loaded()
+            except BaseException:
+                remote.kill()
+                raise
+            self.pipeline = remote
+        else:
+            self.tokenizer = model_lib.load_tokenizer(cfg.model)
+            stages, summary = load_stages(cfg)
+            self.pipeline = Pipeline(stages)
+        shape = self.shape = summary.shape
         self.max_model_len = min(cfg.max_model_len or shape.context_length, shape.context_length)
-        eos = hf.generation_config.eos_token_id if hf.generation_config else None
-        eos = eos if eos is not None else self.tokenizer.eos_token_id
-        self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        groups = len(cfg.devices)
-        ranges = model_lib.split_layers(shape.num_layers, groups, cfg.layer_split)
-        # Weights first, then the KV budget: on CUDA it is a fraction of what the weights left.
-        # The model's own logits first: the stages then take its layers (and hook them).
-        expected = probe.reference_logits(hf, probe.probe_ids(shape.vocab_size))
-        stages = [
-            Stage(
-                i,
-                torch.device(device),
-                StageShell(hf, layers, torch.device(device), first=i == 0, last=i == groups - 1),
-                layers,
-            )
-            for i, (device, layers) in enumerate(zip(cfg.devices, ranges, strict=True))
-        ]
-        layouts = [
-            KVLayout.from_config(hf.config, layers=r, block_size=cfg.block_size, dtype=dtype)
-            for r in ranges
-        ]
-        per_block = sum(layout.bytes_per_block for layout in layouts)
-        budget = cfg.kv_cache_bytes or self._default_kv_budget()
-        num_blocks = budget // per_block
-        if num_blocks < 1:
-            raise ValueError(
-                f"KV-cache budget {budget} bytes holds no block of {per_block} bytes "
-                f"({cfg.block_size} tokens in {shape.num_layers} layers): raise kv_cache_bytes"
-            )
-        for stage, layout in zip(stages, layouts, strict=True):
-            stage.allocate_kv(layout, num_blocks)
-        probe.check(stages, expected, dtype, shape.model_type)
-        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        eos = self.tokenizer.eos_token_id
+        default = frozenset() if eos is None else frozenset([eos])
+        self.eos_ids = summary.eos_ids if summary.eos_ids is not None else default
+        self.blocks = BlockManager(summary.num_blocks, cfg.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=cfg.max_num_seqs,
                 max_num_batched_tokens=cfg.max_num_batched_tokens,
-                num_groups=groups,
+                num_groups=len(cfg.devices),
                 aging_s=cfg.aging_s,
                 preemption=cfg.preemption,
             ),
             self.blocks,
         )
-        self.pipeline = Pipeline(stages)
         log.info(
             "engine_loaded",
             model=cfg.model,
             model_type=shape.model_type,
-            dtype=str(dtype).removeprefix("torch."),
+            dtype=summary.dtype,
             stages=[
-                f"{d}:{r.start}-{r.stop - 1}" for d, r in zip(cfg.devices, ranges, strict=True)
+                f"{d}:{r.start}-{r.stop - 1}"
+                for d, r in zip(cfg.devices, summary.ranges, strict=True)
             ],
-            kv_blocks=num_blocks,
+            model_process=self.pipeline.pid,
+            kv_blocks=summary.num_blocks,
             kv_block_size=cfg.block_size,
-            kv_bytes=per_block * num_blocks,
-            kv_tokens=num_blocks * cfg.block_size,
+            kv_bytes=summary.bytes_per_block * summary.num_blocks,
+            kv_tokens=summary.num_blocks * cfg.block_size,
             max_model_len=self.max_model_len,
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
         )
-
-    def _default_kv_budget(self) -> int:
-        cuda = [d for d in self.config.devices if d.startswith("cuda")]
-        if not cuda:
-            return CPU_DEFAULT_KV_BYTES
-        free = sum(torch.cuda.mem_get_info(torch.device(d))[0] for d in sorted(set(cuda)))
-        return int(free * self.config.kv_cache_fraction)
 
     # ------------------------------------------------------------------ requests
 
@@ -372,8 +342,11 @@ class Engine:
         except BaseException as exc:  # the loop itself broke: fail every request loudly
             self.fatal = exc
             log.exception("engine_loop_failed")
+            # A dead model process is this worker's fault, not the requests': hand them back
+            # (no outcome, offsets uncommitted) so the fleet resumes them from their progress.
+            reason = "revoked" if isinstance(exc, ModelProcessDied) else "failed"
             for tracked in list(self._tracked.values()):
-                self._finish(tracked, SeqStatus.FINISHED_ABORTED, "failed", error=repr(exc))
+                self._finish(tracked, SeqStatus.FINISHED_ABORTED, reason, error=repr(exc))
             raise
 
     # ------------------------------------------------------------------ the test gate
@@ -489,7 +462,7 @@ class Engine:
             context_lens=context_lens,
             block_tables=tables,
             sample_rows=as_long(sample_rows),
-            sampler=lambda logits: sample(logits, params, seeds),
+            sampler=functools.partial(sample, params=params, seeds=seeds),  # picklable
         )
 
     def _process(self, plan: StepPlan, result: list[int] | BaseException) -> None:

@@ -108,6 +108,11 @@ class Pipeline:
     def depth(self) -> int:
         return len(self.stages)
 
+    @property
+    def pid(self) -> int | None:
+        """The model process's pid; None: the stages run in this process."""
+        return None
+
     async def start(self) -> None:
         if self._tasks:
             return
@@ -126,6 +131,12 @@ class Pipeline:
 
     async def result(self) -> tuple[StepBatch, list[int] | BaseException]:
         return await self._queues[-1].get()
+
+    async def warm(self, steps: list[StepBatch], compile: bool) -> bool:
+        """The model side of the warm-up (engine/warmup.py); whether the stages compiled."""
+        from streamer.engine.warmup import warm_stages  # warmup builds on this module
+
+        return await warm_stages(self, steps, compile)
 
     async def _run_stage(self, index: int) -> None:
         loop = asyncio.get_running_loop()

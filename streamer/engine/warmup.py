@@ -2,10 +2,11 @@
 does not pay one-time costs (allocator growth, kernel and primitive selection, lazy imports in the
 model code, the sampler's and tokenizer's first calls, and with `--compile` the compilation).
 
-It runs through the real pipeline (each stage on its own thread) but outside the scheduler and
-the `BlockManager`: the blocks it writes are never registered under a prefix hash, so no request
-can ever match them, and they are zeroed afterwards. Nothing is published; the worker joins its
-consumer group (so `/readyz` can turn ready) only after this returns.
+It runs through the real pipeline (each stage on its own thread, in the model process when
+there is one) but outside the scheduler and the `BlockManager`: the blocks it writes are never
+registered under a prefix hash, so no request can ever match them, and they are zeroed
+afterwards. Nothing is published; the worker joins its consumer group (so `/readyz` can turn
+ready) only after this returns.
 
 `--compile` wraps each stage's decoder layers with torch.compile (dynamic shapes). A compile
 error is caught here: the layers go back to eager and the worker runs uncompiled, with an error
@@ -15,6 +16,7 @@ logged, never a crash. Dynamo's own fallback (suppress_errors) covers later reco
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -82,7 +84,7 @@ def _batch(lens: list[tuple[int, int]], tables: list[list[int]], vocab: int) -> 
         context_lens=[c for _, c in lens],
         block_tables=tables,
         sample_rows=rows,
-        sampler=lambda logits: sample(logits, params, seeds),
+        sampler=functools.partial(sample, params=params, seeds=seeds),  # picklable
     )
 
 
@@ -136,9 +138,9 @@ async def run(engine: Engine) -> float | None:
     seconds, None when off."""
     cfg = engine.config
     assert engine.pipeline is not None and engine.blocks is not None and engine.shape is not None
-    stages = engine.pipeline.stages
-    compiled = compile_stages(stages) if cfg.compile else []
     if not cfg.warmup:
+        if cfg.compile:
+            await engine.pipeline.warm([], compile=True)
         return None
     engine.warming = True
     began = time.perf_counter()
@@ -148,20 +150,29 @@ async def run(engine: Engine) -> float | None:
     steps = batches(p, blocks.num_blocks, blocks.block_size, engine.shape.vocab_size)
     try:
         await asyncio.to_thread(_host_side, engine.tokenizer)
-        try:
-            await warm_up(engine.pipeline, steps)
-        except Exception as exc:
-            if not compiled:
-                raise
-            log.error("compile_failed", error=repr(exc)[:300],
-                      note="running uncompiled (eager)")
-            uncompile(compiled)
-            compiled = []
-            await warm_up(engine.pipeline, steps)
-        clear(stages, steps)
+        compiled = await engine.pipeline.warm(steps, compile=cfg.compile)
     finally:
         engine.warming = False
-    return log_done(began, p, bool(compiled))
+    return log_done(began, p, compiled)
+
+
+async def warm_stages(pipeline: Pipeline, steps: list[StepBatch], compile: bool) -> bool:
+    """The model side, where the stages live: compile, run `steps`, zero what they wrote.
+    A compiled warm-up that fails runs again eagerly. Returns whether the stages compiled."""
+    compiled = compile_stages(pipeline.stages) if compile else []
+    if not steps:
+        return bool(compiled)
+    try:
+        await warm_up(pipeline, steps)
+    except Exception as exc:
+        if not compiled:
+            raise
+        log.error("compile_failed", error=repr(exc)[:300], note="running uncompiled (eager)")
+        uncompile(compiled)
+        compiled = []
+        await warm_up(pipeline, steps)
+    clear(pipeline.stages, steps)
+    return bool(compiled)
 
 
 def _host_side(tokenizer: Any) -> None:
