@@ -118,6 +118,7 @@ class Worker:
             await self._topics()
             await self.engine.start()
             self.engine.on_step = self.gauges.on_step
+            self.metrics.watch_model_process(self.engine.model_pid)
             if self.cache is not None:
                 await self.cache.start()
                 self.intake.cache = self.cache

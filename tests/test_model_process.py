@@ -1,5 +1,6 @@
 """The model process (engine/remote.py): the same tokens as the model on a thread, load errors
-raised as the engine's own, and a dead model process hands its requests to the fleet."""
+raised as the engine's own, a dead model process hands its requests to the fleet, and a dead
+worker leaves no model process behind."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ async def test_a_dead_model_process_hands_its_requests_to_the_fleet(
 ) -> None:
     """SIGKILL of a worker's model process mid-generation: the worker exits non-zero without
     an outcome for any request, and another worker finishes every one from its progress, with
-    transformers' greedy text."""
+    transformers' greedy text. SIGKILL of that worker then takes its model process with it."""
     gate.hold()
     first = start_worker("--max-num-seqs", "8", "--progress-tokens", "4", gate=gate,
                          env=DEFAULT_MODEL_PROCESS)
@@ -106,20 +107,16 @@ async def test_a_dead_model_process_hands_its_requests_to_the_fleet(
     assert not any(e.type in (EventType.COMPLETED, EventType.FAILED)
                    for h in handles for e in h.events)
 
-    start_worker("--max-num-seqs", "8", env=DEFAULT_MODEL_PROCESS)
+    second = start_worker("--max-num-seqs", "8", env=DEFAULT_MODEL_PROCESS)
     results = await asyncio.gather(*(h.result(180) for h in handles))
     expected = await asyncio.to_thread(
         lambda: [greedy_text(tiny_model, p, 24, ignore_eos=True) for p in prompts])
     for result, text in zip(results, expected, strict=True):
         assert result.outcome.type is EventType.COMPLETED and result.outcome.worker == "w1"
         assert result.text == text
+        started = [e for e in result.events if e.type is EventType.STARTED]
+        assert started[-1].resumed is not None and started[-1].resumed.index >= 4
 
-
-@pytest.mark.kafka
-async def test_a_killed_worker_takes_its_model_process_with_it(start_worker) -> None:
-    """No orphan: the model process sees its pipe close and exits."""
-    worker = start_worker(env=DEFAULT_MODEL_PROCESS)
-    pid = _model_pid(worker.log())
-    assert _alive(pid)
-    worker.kill()
-    await until(lambda: not _alive(pid), what="the model process exits")
+    orphan = _model_pid(second.log())
+    second.kill()  # no orphan: the model process sees its socket close and exits
+    await until(lambda: not _alive(orphan), what="the model process exits")

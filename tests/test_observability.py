@@ -184,7 +184,9 @@ def _port_from_log(path: Path) -> int | None:
 
 
 async def test_watchdog_flags_a_stalled_stage(kafka_settings, prefix, tiny_model) -> None:
-    config = WorkerConfig(engine=EngineConfig(model=str(tiny_model), kv_cache_bytes=32 << 20),
+    # Stages on threads: the test replaces a stage's forward with a stalled one.
+    config = WorkerConfig(engine=EngineConfig(model=str(tiny_model), kv_cache_bytes=32 << 20,
+                                              model_process=False),
                           kafka=kafka_settings, prefix=prefix, metrics_port=0,
                           worker_id="stall-probe", stall_timeout_s=1.0)
     worker = Worker(config)

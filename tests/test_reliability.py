@@ -128,7 +128,9 @@ async def _outcomes(kafka_settings, prefix: str, expected: Counter, timeout: flo
 
 async def _in_process_worker(kafka_settings, prefix, tiny_model, worker_options=None, **engine) -> tuple[Worker, asyncio.Task]:  # type: ignore[no-untyped-def]
     config = WorkerConfig(
-        engine=EngineConfig(model=str(tiny_model), kv_cache_bytes=64 << 20, **engine),
+        # Stages on threads: these tests replace a stage's forward to inject faults.
+        engine=EngineConfig(model=str(tiny_model), kv_cache_bytes=64 << 20, model_process=False,
+                            **engine),
         kafka=kafka_settings, prefix=prefix, metrics_port=0, worker_id="inproc",
         **(worker_options or {}))
     worker = Worker(config)

@@ -153,7 +153,7 @@ class Engine:
                 f"{d}:{r.start}-{r.stop - 1}"
                 for d, r in zip(cfg.devices, summary.ranges, strict=True)
             ],
-            model_process=self.pipeline.pid,
+            model_process=self.model_pid,
             kv_blocks=summary.num_blocks,
             kv_block_size=cfg.block_size,
             kv_bytes=summary.bytes_per_block * summary.num_blocks,
@@ -173,6 +173,11 @@ class Engine:
     def stage_activity(self) -> list[str]:
         """What each stage is doing right now (for the stall watchdog's log line)."""
         return [s.current for s in self.pipeline.stages] if self.pipeline else []
+
+    @property
+    def model_pid(self) -> int | None:
+        """The model process's pid; None when the stages run on this process's threads."""
+        return self.pipeline.pid if self.pipeline is not None else None
 
     def stage_busy_seconds(self) -> list[float]:
         return [s.busy_seconds for s in self.pipeline.stages] if self.pipeline else []

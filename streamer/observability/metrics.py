@@ -13,6 +13,7 @@ Names follow vLLM's where one exists (``time_to_first_token_seconds``, ``num_req
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -103,6 +104,8 @@ class WorkerMetrics:
                 fully deterministic exposition.
         """
         self.registry = CollectorRegistry(auto_describe=True)
+        self._process_metrics = process_metrics
+        self._model_pid: int | None = None
         r = self.registry
 
         # --- latency histograms (per priority lane) ---------------------------------------
@@ -358,6 +361,17 @@ class WorkerMetrics:
         self.info.clear()
         self.info.labels(version=version, model=model, worker=worker).set(1)
 
+    def watch_model_process(self, pid: int | None) -> None:
+        """Export the model process's own ``streamer_model_process_*`` (resident memory, CPU):
+        its weights and KV cache are not in this process's ``process_*``. None: no such
+        process (the model runs on this process's threads)."""
+        first = self._model_pid is None
+        self._model_pid = pid
+        if first and pid is not None and self._process_metrics:
+            # A pid that no longer exists reads as no samples (ProcessCollector skips it).
+            ProcessCollector(namespace="streamer_model", registry=self.registry,
+                             pid=lambda: self._model_pid if self._model_pid is not None else -1)
+
     def set_ready(self, ready: bool) -> None:
         """Set ``streamer_ready`` to 1 or 0."""
         self.ready.set(1 if ready else 0)
@@ -432,6 +446,14 @@ def exported_metric_names(registry: CollectorRegistry) -> frozenset[str]:
     return frozenset(names)
 
 
+def _exported() -> frozenset[str]:
+    """From a throwaway instance that watches a model process (this one, standing in), so it
+    can never drift from the code and includes the model process's series."""
+    metrics = WorkerMetrics()
+    metrics.watch_model_process(os.getpid())
+    return exported_metric_names(metrics.registry)
+
+
 #: Series names a worker exports (see :func:`exported_metric_names`), for checking references in
-#: dashboards and alert rules. Built from a throwaway instance, so it can never drift from the code.
-EXPORTED_METRIC_NAMES: Final[frozenset[str]] = exported_metric_names(WorkerMetrics().registry)
+#: dashboards and alert rules.
+EXPORTED_METRIC_NAMES: Final[frozenset[str]] = _exported()
