@@ -98,7 +98,7 @@ async def test_a_dead_model_process_hands_its_requests_to_the_fleet(
     await until(lambda: all(any(e.type is EventType.QUEUED for e in h.events) for h in handles),
                 what="all queued")
     gate.hold_at(8)
-    await first.await_for('"test_gate_held"')
+    await first.await_for('"test_gate_held"', count=2)  # the first was the hold at 0 tokens
     os.kill(pid, 9)
     code = await asyncio.to_thread(first.process.wait, 120)
     assert code != 0

@@ -307,6 +307,7 @@ class Engine:
         in_flight: deque[StepPlan] = deque()
         try:
             while True:
+                pipeline.check()  # a dead model process is noticed idle too, within a second
                 self._expire_deadlines()
                 held = self._gate_holds()
                 while not held and len(in_flight) < pipeline.depth:

@@ -295,6 +295,11 @@ class RemotePipeline:
             stage.busy_seconds, stage.current = busy, current
         return batch, payload
 
+    def check(self) -> None:
+        """Raise ModelProcessDied if the model process has exited (cheap: one waitpid)."""
+        if self._process.poll() is not None:
+            raise self._died()
+
     async def warm(self, steps: list[StepBatch], compile: bool) -> bool:
         """The model side of the warm-up, in the model process; whether the stages compiled."""
         _send(self._conn, ("warm", [_pack(s) for s in steps], compile))

@@ -132,6 +132,9 @@ class Pipeline:
     async def result(self) -> tuple[StepBatch, list[int] | BaseException]:
         return await self._queues[-1].get()
 
+    def check(self) -> None:
+        """Nothing to check: the stages are this process's threads (see RemotePipeline)."""
+
     async def warm(self, steps: list[StepBatch], compile: bool) -> bool:
         """The model side of the warm-up (engine/warmup.py); whether the stages compiled."""
         from streamer.engine.warmup import warm_stages  # warmup builds on this module
