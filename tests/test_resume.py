@@ -11,6 +11,7 @@ from reference import PROMPTS
 
 from streamer.client import RequestHandle, UpdateKind
 from streamer.config import EngineConfig
+from streamer.egress.progress import ProgressTrail
 from streamer.engine.engine import Engine
 from streamer.engine.outputs import OutputKind, RequestOutput
 from streamer.engine.sampling import token_seed
@@ -179,3 +180,38 @@ def test_failover_bench_counts_tokens_the_final_stream_does_not_use() -> None:
     assert row["tokens_regenerated"] == 2 + 2
     assert row["requests_retried"] == 2 and row["requests_resumed"] == 1
     assert row["all_complete_and_exact_length"]
+
+
+class _ProgressSink:
+    """The publisher's side of progress records, for the trail's own rule (no broker)."""
+
+    worker = "w0"
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []  # tokens covered by each record
+
+    async def send_progress(self, request_id, progress, partition):  # type: ignore[no-untyped-def]
+        self.sent.append(len(progress.token_ids))
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+async def test_a_progress_record_due_during_a_write_is_written_without_another_chunk() -> None:
+    """Chunks 5-8 arrive while the record of 1-4 waits for its acks; no chunk follows (the
+    request is held). The record of 8 is still written, after the one of 4, in order."""
+    sink = _ProgressSink()
+    trail = ProgressTrail(
+        sink, asyncio.ensure_future, request_id="r", attempt="a", record=("t", 0, 0),  # type: ignore[arg-type]
+        partition=0, prompt_tokens=3, resumed=None, base=([], 0), seed=None, every_tokens=4,
+        every_s=1e9)
+    loop = asyncio.get_running_loop()
+    acks = [loop.create_future() for _ in range(8)]
+    for i, ack in enumerate(acks):
+        trail.chunk([i], "x", ack)
+    for ack in acks:
+        ack.set_result(None)
+    await trail.settle()
+    assert sink.sent == [4, 8]
+    assert trail.records == 2
+

@@ -41,7 +41,7 @@ async def _one(client: StreamerClient, prompt: str, max_tokens: int) -> dict[str
     if result.outcome.type is not EventType.COMPLETED or result.outcome.timings is None:
         raise RuntimeError(f"request failed: {result.outcome}")
     t = result.outcome.timings
-    return {"ttft_ms": t.ttft_ms, "e2e_ms": t.e2e_ms, "cache": t.cache,
+    return {"ttft_ms": t.ttft_ms, "queue_ms": t.queue_ms, "e2e_ms": t.e2e_ms, "cache": t.cache,
             "client_ms": round((time.perf_counter() - began) * 1000, 1),
             "tokens": len(result.token_ids)}
 
@@ -196,12 +196,17 @@ def startup_markdown(data: dict[str, Any]) -> str:
                 else "TTFT and e2e from the request's Kafka timestamp (`timings` of `completed`).")
              + " Medians over the starts.", "",
              "| variant | warm-up s | TTFT #1 ms | TTFT #10 ms | TTFT #2.. (median) ms | "
-             "e2e #1 ms | e2e #2.. (median) ms | load avg |",
-             "|---|---|---|---|---|---|---|---|"]
+             "queue #1 ms | queue #2.. ms | e2e #1 ms | e2e #2.. (median) ms | load avg |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     med = statistics.median
     for name, starts in data["variants"].items():
         ttft = [[r["ttft_ms"] for r in s["requests"]] for s in starts]
         e2e = [[r["e2e_ms"] for r in s["requests"]] for s in starts]
+        # Kafka timestamp to the scheduler's first step of it (in process: no queue figure).
+        queue = [[r["queue_ms"] for r in s["requests"]] for s in starts
+                 if all(r.get("queue_ms") is not None for r in s["requests"])]
+        q1, qn = (f"{med([q[0] for q in queue]):.0f}", f"{med([med(q[1:]) for q in queue]):.0f}") \
+            if queue and all(len(q) > 1 for q in queue) else ("–", "–")
         warm = [s["warmup_s"] for s in starts if s["warmup_s"] is not None]
         cell = "–" if not warm else f"{med(warm):.2f}"
         if any(s["compile_failed"] for s in starts):
@@ -210,7 +215,8 @@ def startup_markdown(data: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {cell} | {med([t[0] for t in ttft]):.0f} | "
             f"{'–' if tenth is None else f'{tenth:.0f}'} | {med([med(t[1:]) for t in ttft]):.0f} "
-            f"| {med([e[0] for e in e2e]):.0f} | {med([med(e[1:]) for e in e2e]):.0f} | "
+            f"| {q1} | {qn} | {med([e[0] for e in e2e]):.0f} | "
+            f"{med([med(e[1:]) for e in e2e]):.0f} | "
             f"{med([s['load_average_1m'] for s in starts]):.1f} |")
     return "\n".join(lines)
 

@@ -76,16 +76,21 @@ class ProgressTrail:
             self._writing = self.spawn(self._write(len(self._chunks)))
 
     async def _write(self, upto: int) -> None:
-        """Once the first `upto` chunks are acknowledged, record them."""
+        """Once the first `upto` chunks are acknowledged, record them; then, in the same task,
+        the record that came due meanwhile (no later chunk may come to trigger it: a request
+        held or paused would otherwise keep a stale record)."""
         try:
-            chunks = self._chunks[:upto]
-            results = await asyncio.gather(*(a for _, _, a in chunks), return_exceptions=True)
-            if any(isinstance(r, BaseException) for r in results):
-                return  # a chunk that never landed: what a reader has stops before it
-            end, chars, _ = chunks[-1]
-            if end <= self._written:
-                return
-            await self._send(end, chars)
+            while True:
+                chunks = self._chunks[:upto]
+                results = await asyncio.gather(*(a for _, _, a in chunks), return_exceptions=True)
+                if any(isinstance(r, BaseException) for r in results):
+                    return  # a chunk that never landed: what a reader has stops before it
+                end, chars, _ = chunks[-1]
+                if end > self._written:
+                    await self._send(end, chars)
+                if len(self.tokens) - self._written < self.every_tokens:
+                    return
+                upto = len(self._chunks)
         except PublisherStopped:
             pass
         finally:
