@@ -278,9 +278,13 @@ class WorkerConfig:
     """How often finished offsets are committed (a crash re-serves at most this much work)."""
     chunk_ms: float = 50.0
     """Token chunks of one request are sent at most this often: the first token at once, then
-    what accumulated when the window has passed (0: every engine output as its own chunk)."""
+    what accumulated when the window has passed (0, with chunk_records_per_s 0: every engine
+    output as its own chunk)."""
     chunk_tokens: int = 64
     """A request's accumulated tokens are sent at once when this many are waiting."""
+    chunk_records_per_s: float = 50.0
+    """Token-chunk records per second this worker aims at under load: with S streams producing
+    tokens, each waits max(chunk_ms, S / this) between chunks (0: always chunk_ms)."""
     resume: bool = True
     """Record each attempt's progress in the progress topic and continue an earlier attempt's
     tokens when a request comes back (after a crash, a moved partition or a hand-back)."""
@@ -338,7 +342,8 @@ class WorkerConfig:
         errors += _below(self, 1, "lane_capacity", "max_outstanding_outputs", "chunk_tokens",
                          "max_poll_records", "progress_tokens")
         errors += _below(self, 0, "cancel_window_s", "shutdown_grace_s", "revoke_wait_s",
-                         "chunk_ms", "fetch_max_wait_ms", "progress_s", "progress_wait_s")
+                         "chunk_ms", "chunk_records_per_s", "fetch_max_wait_ms", "progress_s",
+                         "progress_wait_s")
 
         errors += [f"{name}={getattr(self, name)} must be > 0"
                    for name in ("shutdown_timeout_s", "stall_timeout_s", "commit_interval_s",

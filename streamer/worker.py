@@ -60,8 +60,10 @@ class Worker:
         self.outcomes = Outcomes(
             self.publisher, self.metrics, self.name, lambda rid, f: self.intake.finished(rid, f),
             chunk_s=config.chunk_ms / 1000, chunk_tokens=config.chunk_tokens,
+            chunk_records_per_s=config.chunk_records_per_s,
             seed_of=self.engine.seed_of,
         )
+        self.metrics.chunk_window.set_function(self.outcomes.budget.window)
         self.progress: ProgressStore | None = None
         self.control = ControlListener(
             config.kafka, config.prefix, config.cancel_window_s, self._on_cancel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from streamer.egress.coalesce import Coalescer
+from streamer.egress.coalesce import ChunkBudget, Coalescer
 from streamer.engine.outputs import OutputKind, RequestOutput
 
 
@@ -88,3 +88,34 @@ def test_chunks_reassemble_exactly_whatever_the_timing() -> None:
         assert expect == len(texts)
         assert "".join(o.text for o in chunks) == "".join(texts)
         assert all(len(o.token_ids) <= c.max_tokens for o in chunks)
+
+
+def test_the_budget_stretches_the_window_with_the_streams() -> None:
+    budget = ChunkBudget(window_s=0.05, records_per_s=100.0)
+    assert budget.window() == 0.05  # no stream yet
+    budget.streams = 2
+    assert budget.window() == 0.05  # 2 streams at 20 chunks/s each fit in 100 records/s
+    budget.streams = 64
+    assert budget.window() == 0.64
+    assert ChunkBudget(window_s=0.05, records_per_s=0.0, streams=64).window() == 0.05
+
+
+def test_a_coalescer_follows_its_budget_as_streams_come_and_go() -> None:
+    budget = ChunkBudget(window_s=0.05, records_per_s=10.0, streams=1)
+    c = Coalescer(window_s=0.05, max_tokens=64, budget=budget)
+    c.push(tok(0), 0.0)
+    c.push(tok(1), 0.01)
+    assert c.deadline() == 0.1  # 1 stream / 10 records/s
+    budget.streams = 5
+    assert c.deadline() == 0.5 and c.push(tok(2), 0.2) == []
+    budget.streams = 1  # others finished: the pending tokens are due now
+    assert [o.token_ids for o in c.push(tok(3), 0.2)] == [[101, 102, 103]]
+
+
+def test_the_budget_never_delays_a_first_token_or_a_terminal() -> None:
+    budget = ChunkBudget(window_s=0.05, records_per_s=1.0, streams=1000)
+    c = Coalescer(window_s=0.05, max_tokens=64, budget=budget)
+    assert [o.index for o in c.push(tok(0), 0.0)] == [0]
+    c.push(tok(1), 0.1)
+    sent = c.push(RequestOutput("r", OutputKind.FINISHED), 0.2)
+    assert [o.kind for o in sent] == [OutputKind.TOKENS, OutputKind.FINISHED]

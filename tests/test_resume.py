@@ -215,3 +215,33 @@ async def test_a_progress_record_due_during_a_write_is_written_without_another_c
     assert sink.sent == [4, 8]
     assert trail.records == 2
 
+
+
+def _trail(sink: _ProgressSink, *, every_tokens: int, every_s: float) -> ProgressTrail:
+    return ProgressTrail(
+        sink, asyncio.ensure_future, request_id="r", attempt="a", record=("t", 0, 0),  # type: ignore[arg-type]
+        partition=0, prompt_tokens=3, resumed=None, base=([], 0), seed=None,
+        every_tokens=every_tokens, every_s=every_s)
+
+
+async def test_the_time_rule_writes_a_record_without_another_chunk() -> None:
+    """3 tokens, far below the token rule, then nothing (a held request): the timer of the time
+    rule still records them. A closed trail (hand-back, outcome) writes nothing more."""
+    sink = _ProgressSink()
+    trail = _trail(sink, every_tokens=1000, every_s=0.05)
+    loop = asyncio.get_running_loop()
+    for i in range(3):
+        ack = loop.create_future()
+        ack.set_result(None)
+        trail.chunk([i], "x", ack)
+    async with asyncio.timeout(30):
+        while sink.sent != [3]:
+            await asyncio.sleep(0.01)
+    closed = _trail(_ProgressSink(), every_tokens=1000, every_s=0.05)
+    ack = loop.create_future()
+    ack.set_result(None)
+    closed.chunk([7], "x", ack)
+    closed.close()
+    assert closed._timer is None and closed._writing is None
+    await trail.settle()
+    assert trail.records == 1 and trail._timer is None  # everything recorded: no timer left

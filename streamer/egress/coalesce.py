@@ -13,6 +13,11 @@ Chunks keep their meaning: `index` is the completion index of the chunk's first 
 text is the concatenation of the merged deltas (stop-string hold-back happened upstream, in the
 detokenizer, so the concatenated chunks still equal the final text). A window of 0 sends every
 output as it comes.
+
+Under load the window stretches (`ChunkBudget`): a worker's token chunks are held to about
+`records_per_s` records a second in all, so with S streams each waits about S / records_per_s
+between chunks. One stream still gets the plain window; 64 streams on a slow step get fewer,
+larger chunks and the broker's load stays flat as concurrency grows.
 """
 
 from __future__ import annotations
@@ -23,9 +28,27 @@ from streamer.engine.outputs import OutputKind, RequestOutput
 
 
 @dataclass
+class ChunkBudget:
+    """The worker-wide record budget every attempt's `Coalescer` shares (one event loop: plain
+    counters). `streams` is the number of attempts that are producing tokens right now."""
+
+    window_s: float
+    records_per_s: float = 0.0
+    """0: no budget, every stream uses `window_s`."""
+    streams: int = 0
+
+    def window(self) -> float:
+        if self.records_per_s <= 0:
+            return self.window_s
+        return max(self.window_s, self.streams / self.records_per_s)
+
+
+@dataclass
 class Coalescer:
     window_s: float
     max_tokens: int
+    budget: ChunkBudget | None = None
+    """When set, the window comes from it (`window_s` is then unused)."""
     _pending: RequestOutput | None = field(default=None, init=False)
     _last_sent: float | None = field(default=None, init=False)
 
@@ -55,7 +78,10 @@ class Coalescer:
             return None
         if self._last_sent is None:
             return float("-inf")
-        return self._last_sent + self.window_s
+        return self._last_sent + self.window()
+
+    def window(self) -> float:
+        return self.window_s if self.budget is None else self.budget.window()
 
     def take(self, now: float) -> list[RequestOutput]:
         """Send what is pending now (a flush)."""

@@ -19,7 +19,7 @@ from aiokafka.structs import ConsumerRecord
 
 from streamer import protocol
 from streamer.egress import events
-from streamer.egress.coalesce import Coalescer
+from streamer.egress.coalesce import ChunkBudget, Coalescer
 from streamer.egress.progress import ProgressTrail
 from streamer.egress.publisher import OutputTooLarge, Publisher, PublisherStopped
 from streamer.engine.outputs import OutputKind, RequestOutput, RequestStream
@@ -47,10 +47,12 @@ class ProgressPolicy:
 class Outcomes:
     def __init__(
         self, publisher: Publisher, metrics: WorkerMetrics, worker: str, on_done: OnDone, *,
-        chunk_s: float = 0.0, chunk_tokens: int = 64, progress: ProgressPolicy | None = None,
+        chunk_s: float = 0.0, chunk_tokens: int = 64, chunk_records_per_s: float = 0.0,
+        progress: ProgressPolicy | None = None,
         seed_of: Callable[[str], int | None] = lambda _: None,
     ) -> None:
-        self.chunk_s = chunk_s
+        self.budget = ChunkBudget(chunk_s, chunk_records_per_s)
+        """Shared by every attempt: its window stretches with the streams it counts."""
         self.chunk_tokens = chunk_tokens
         self.progress = progress
         """Where and how often attempts record their progress; None: they do not."""
@@ -127,11 +129,13 @@ class Outcomes:
         started = first_token = None
         produced = flight.record.timestamp / 1000
         trail = flight.trail = self._trail(flight)
+        streaming = False  # counted in the chunk budget's streams
         try:
             acks.append(await self._event(flight, EventType.QUEUED, attempt=False))
             hit = flight.cache is not None and flight.cache.level is not None
             # A replay sends each stored chunk as it was (window 0: no merging).
-            coalescer = Coalescer(0.0 if hit else self.chunk_s, self.chunk_tokens)
+            coalescer = Coalescer(0.0, self.chunk_tokens) if hit else \
+                Coalescer(self.budget.window_s, self.chunk_tokens, self.budget)
             async for arrived, now in _timed(flight.stream, coalescer):
                 due = coalescer.take(now) if arrived is None else coalescer.push(arrived, now)
                 for out in due:
@@ -145,6 +149,8 @@ class Outcomes:
                     elif out.kind is OutputKind.TOKENS:
                         if first_token is None and out.token_ids:
                             first_token = time.time()
+                            if not hit:
+                                streaming, self.budget.streams = True, self.budget.streams + 1
                         chunk = protocol.TokenChunk(
                             request_id=request.id, attempt=flight.attempt, index=out.index,
                             token_ids=out.token_ids, text=out.text,
@@ -167,6 +173,11 @@ class Outcomes:
                         return
         except PublisherStopped:
             bound.info("request_handed_back", reason="publisher stopped")
+        finally:
+            if streaming:
+                self.budget.streams -= 1
+            if trail is not None:
+                trail.close()
 
     def _trail(self, flight: Flight) -> ProgressTrail | None:
         policy = self.progress
@@ -198,6 +209,7 @@ class Outcomes:
         if out.finish_reason == "revoked":
             if trail is not None:  # the next owner continues from every acknowledged token
                 await trail.checkpoint()
+                trail.close()
             bound.info("request_handed_back")  # no outcome: its offset stays uncommitted
             return
         publish_began = time.time()

@@ -3,8 +3,10 @@
 A record names only tokens whose chunks the broker has acknowledged (it is produced after those
 acks), so a reader of the earlier attempt's chunks always has every token the record claims. One
 write is in flight at a time, which keeps a request's records in order on its partition. The
-request's outcome is followed by a tombstone. A hand-back (shutdown) and every rebalance write a
-record with everything acknowledged, so the next owner regenerates (almost) nothing.
+request's outcome is followed by a tombstone. The time rule has its own timer, so a request
+that is held or paused still gets a record of its acknowledged tokens within `every_s`. A
+hand-back (shutdown) and every rebalance write a record with everything acknowledged, so the
+next owner regenerates (almost) nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class ProgressTrail:
         self._written = self.start  # tokens covered by the last record written
         self._last_write = time.monotonic()
         self._writing: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False  # handed back or finished: this attempt writes no more records
+        self._checkpointing = False  # a checkpoint writes directly: no write starts meanwhile
         self.records = 0
         self._dirty = resumed is not None  # a progress entry of this request exists
 
@@ -70,21 +75,44 @@ class ProgressTrail:
         self.tokens.extend(token_ids)
         self.chars += len(text)
         self._chunks.append((len(self.tokens), self.chars, ack))
+        self._consider()
+
+    def _consider(self) -> None:
+        """Start a write when a record is due; else, with tokens unrecorded, arm the timer of
+        the time rule (one at a time)."""
         fresh = len(self.tokens) - self._written
-        due = fresh >= self.every_tokens or time.monotonic() - self._last_write >= self.every_s
-        if due and self._writing is None:
+        if self._closed or self._checkpointing or fresh <= 0 or self._writing is not None:
+            return
+        wait = self._last_write + self.every_s - time.monotonic()
+        if fresh >= self.every_tokens or wait <= 0:
             self._writing = self.spawn(self._write(len(self._chunks)))
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(wait, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._consider()
+
+    def close(self) -> None:
+        """The attempt ends here (outcome or hand-back): no record after this one's last, so a
+        late timer never overwrites the next owner's progress."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def _write(self, upto: int) -> None:
         """Once the first `upto` chunks are acknowledged, record them; then, in the same task,
         the record that came due meanwhile (no later chunk may come to trigger it: a request
         held or paused would otherwise keep a stale record)."""
+        failed = False
         try:
             while True:
                 chunks = self._chunks[:upto]
                 results = await asyncio.gather(*(a for _, _, a in chunks), return_exceptions=True)
                 if any(isinstance(r, BaseException) for r in results):
-                    return  # a chunk that never landed: what a reader has stops before it
+                    failed = True  # a chunk that never landed: what a reader has stops before it
+                    return
                 end, chars, _ = chunks[-1]
                 if end > self._written:
                     await self._send(end, chars)
@@ -92,9 +120,11 @@ class ProgressTrail:
                     return
                 upto = len(self._chunks)
         except PublisherStopped:
-            pass
+            failed = True
         finally:
             self._writing = None
+            if not failed:
+                self._consider()  # tokens newer than this record: the timer covers them
 
     async def _send(self, end: int, chars: int) -> None:
         topic, partition, offset = self.record
@@ -119,6 +149,14 @@ class ProgressTrail:
         """Record every acknowledged token now: before the request leaves this worker (a
         hand-back), or before a rebalance may move it (the next owner reads progress only once
         it has the partition, so this record is there in time)."""
+        self._checkpointing = True
+        try:
+            await self._checkpoint()
+        finally:
+            self._checkpointing = False
+        self._consider()
+
+    async def _checkpoint(self) -> None:
         await self.settle()
         pending = [a for _, _, a in self._chunks if not a.done()]
         if pending:  # the last chunks were flushed just now: give their acks a moment
@@ -138,6 +176,7 @@ class ProgressTrail:
 
     async def clear(self) -> None:
         """The outcome is published: remove the request's entry (a tombstone)."""
+        self.close()
         await self.settle()
         if not self._dirty:
             return

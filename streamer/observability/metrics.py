@@ -291,6 +291,12 @@ class WorkerMetrics:
             "nothing has been queried). For a window or a fleet, divide rate()s of the counters.",
             registry=r,
         )
+        self.chunk_window = Gauge(
+            "streamer_chunk_window_seconds",
+            "The current wait between one request's token chunks: --chunk-ms, stretched under "
+            "load to streams / --chunk-records-per-s.",
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "streamer_consumer_lag",
             "Records between this worker's committed offset and the partition's end, per "
