@@ -280,11 +280,13 @@ class WorkerConfig:
     """Token chunks of one request are sent at most this often: the first token at once, then
     what accumulated when the window has passed (0, with chunk_records_per_s 0: every engine
     output as its own chunk)."""
-    chunk_tokens: int = 64
-    """A request's accumulated tokens are sent at once when this many are waiting."""
-    chunk_records_per_s: float = 50.0
+    chunk_tokens: int = 8
+    """A request's accumulated tokens are sent at once when this many are waiting (with one
+    token per step, a chunk never waits more than this many engine steps)."""
+    chunk_records_per_s: float = 25.0
     """Token-chunk records per second this worker aims at under load: with S streams producing
-    tokens, each waits max(chunk_ms, S / this) between chunks (0: always chunk_ms)."""
+    tokens, each waits max(chunk_ms, S / this) between chunks, or until chunk_tokens are
+    waiting (0: always chunk_ms)."""
     resume: bool = True
     """Record each attempt's progress in the progress topic and continue an earlier attempt's
     tokens when a request comes back (after a crash, a moved partition or a hand-back)."""

@@ -47,7 +47,7 @@ class ProgressPolicy:
 class Outcomes:
     def __init__(
         self, publisher: Publisher, metrics: WorkerMetrics, worker: str, on_done: OnDone, *,
-        chunk_s: float = 0.0, chunk_tokens: int = 64, chunk_records_per_s: float = 0.0,
+        chunk_s: float = 0.0, chunk_tokens: int = 8, chunk_records_per_s: float = 0.0,
         progress: ProgressPolicy | None = None,
         seed_of: Callable[[str], int | None] = lambda _: None,
     ) -> None:
