@@ -115,6 +115,9 @@ async def test_an_outcome_too_large_to_produce_becomes_output_too_large(
             while worker.offsets.pending() or len(worker.intake.flights):
                 assert time.monotonic() < deadline + 120
                 await asyncio.sleep(0.1)
+            # Both streams left the chunk budget (a leak would stretch every later window).
+            assert worker.outcomes.budget.streams == 0
+            assert worker.outcomes.budget.window() == config.chunk_ms / 1000
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, 60)
