@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine: in-process; fleet: one worker behind the embedded broker")
     p.add_argument("--knobs", help="knobs and values, e.g. max_num_seqs=64/128,block_size "
                    "(default: max_num_seqs, max_num_batched_tokens, block_size, torch_threads, "
-                   "devices; chunk_ms with --target fleet)")
+                   "devices; chunk_ms, chunk_records_per_s with --target fleet)")
     p.add_argument("--slo", help="e.g. ttft=2s,tpot=500ms: score goodput (requests within it "
                    "per second); default: useful tokens/s")
     p.add_argument("--repeats", type=int, default=2, help="rounds of each arm (default 2)")

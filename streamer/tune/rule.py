@@ -21,8 +21,9 @@ KNOBS: dict[str, tuple[Any, ...]] = {
     "torch_threads": (1, 2),
     "devices": ("cpu", "cpu,cpu"),  # pipeline stages
     "chunk_ms": (0.0, 20.0, 50.0, 100.0),  # fleet only
+    "chunk_records_per_s": (0.0, 25.0, 50.0, 100.0),  # fleet only
 }
-FLEET_ONLY = frozenset({"chunk_ms"})
+FLEET_ONLY = frozenset({"chunk_ms", "chunk_records_per_s"})
 DEFAULT_THRESHOLD = 0.05
 
 
