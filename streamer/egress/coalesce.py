@@ -17,7 +17,8 @@ output as it comes.
 Under load the window stretches (`ChunkBudget`): a worker's token chunks are held to about
 `records_per_s` records a second in all, so with S streams each waits about S / records_per_s
 between chunks. One stream still gets the plain window; 64 streams on a slow step get fewer,
-larger chunks and the broker's load stays flat as concurrency grows.
+larger chunks and the broker's load stays flat as concurrency grows. `max_tokens` still caps a
+chunk, so on fast hardware a stretched window ends after that many steps.
 """
 
 from __future__ import annotations
