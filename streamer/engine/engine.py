@@ -9,51 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
-import torch
 
 from streamer.aio import cancel_and_wait
 from streamer.config import EngineConfig
 from streamer.engine import gate, warmup
 from streamer.engine import model as model_lib
-from streamer.engine.detokenizer import IncrementalDetokenizer
+from streamer.engine.batch import build_batch
 from streamer.engine.kv.block_manager import BlockManager
 from streamer.engine.limits import LimitError
 from streamer.engine.loading import load_stages
-from streamer.engine.outputs import OutputKind, RequestOutput, RequestStream
+from streamer.engine.outputs import RequestOutput, RequestStream
 from streamer.engine.remote import ModelProcessDied, RemotePipeline
-from streamer.engine.sampling import base_seed, sample, token_seed
+from streamer.engine.request_table import RequestTable
+from streamer.engine.retry import StepRetry
 from streamer.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
-from streamer.engine.sequence import Resume, SamplingParams, SeqStatus, Sequence
+from streamer.engine.sequence import Resume, SamplingParams, Sequence
 from streamer.engine.stages import Pipeline, StepBatch
 from streamer.protocol import ErrorCode
 
 log = structlog.get_logger(__name__)
-
-@dataclass
-class Tracked:
-    """Engine-side companions of a sequence that the pure scheduler does not need."""
-
-    seq: Sequence
-    stream: RequestStream
-    detok: IncrementalDetokenizer
-    seed: int | None
-    """Base seed of the request's draws (None: greedy); token i draws with token_seed(seed, i)."""
-    deadline_s: float | None  # epoch seconds
-    abort_reason: str | None = None
-    first_token_at: float | None = None
-    started_announced: bool = False
-    carry: str = ""
-    """Resumed only: text the earlier attempt held back, prepended to the next chunk."""
-    skip: int = 0
-    """Resumed only: characters the earlier attempt published that this one has yet to decode."""
 
 
 class Engine:
@@ -68,20 +48,18 @@ class Engine:
         self.blocks: BlockManager | None = None
         """The one owner of KV memory (blocks shared by every stage's pool)."""
         self.eos_ids: frozenset[int] = frozenset()
-        self._tracked: dict[str, Tracked] = {}
+        self._requests: RequestTable | None = None
+        """The requests the engine holds (with the scheduler: None until started)."""
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.steps = 0
         self.last_step_at = time.monotonic()
         self.on_step: Callable[[StepPlan, float], None] | None = None
         self.fatal: BaseException | None = None
-        self.oom_retries = 0
-        self._steps_since_oom = 0
+        self._retry = StepRetry(config.max_num_seqs)
         self.warming = False
         """Warm-up steps are running (the worker is not ready)."""
-        self.gate_held = False
-        """Test gate only: the gate holds the engine and no step is in flight (docs/testing.md)."""
-        self._gate_rule: gate.GateRule | None = None
+        self._gate = gate.Gate(config.test_gate)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -144,6 +122,7 @@ class Engine:
             ),
             self.blocks,
         )
+        self._requests = RequestTable(self.scheduler, self.tokenizer, self.eos_ids)
         log.info(
             "engine_loaded",
             model=cfg.model,
@@ -164,6 +143,16 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ requests
+
+    @property
+    def oom_retries(self) -> int:
+        """Failed steps run again in smaller steps because memory ran out."""
+        return self._retry.oom_retries
+
+    @property
+    def gate_held(self) -> bool:
+        """Test gate only: the gate holds the engine and no step is in flight (docs/testing.md)."""
+        return self._gate.held
 
     @property
     def kv_usage(self) -> float:
@@ -217,61 +206,22 @@ class Engine:
                 f"{wanted} KV blocks of {self.blocks.block_size} tokens; the whole cache has "
                 f"{self.blocks.num_blocks} (raise kv_cache_bytes)",
             )
+        assert self._requests is not None
         seq = Sequence(
             request_id, list(prompt_ids), params, priority=priority, arrival=time.monotonic()
         )
-        stream = RequestStream(request_id)
-        # Everything that can raise comes before the scheduler sees the sequence.
-        tracked = Tracked(
-            seq=seq,
-            stream=stream,
-            detok=IncrementalDetokenizer(self.tokenizer, stop=params.stop),
-            seed=base_seed(params),
-            deadline_s=deadline_ms / 1000 if deadline_ms is not None else None,
-        )
-        if resume is not None and resume.token_ids:
-            self._resume(tracked, resume)
-        self.scheduler.add(seq)
-        self._tracked[request_id] = tracked
+        stream = self._requests.add(seq, deadline_ms, resume)
         self._wakeup.set()
         return stream
 
-    def _resume(self, tracked: Tracked, resume: Resume) -> None:
-        """Continue from `resume` when it is a state this request can be in, else start over."""
-        seq, params = tracked.seq, tracked.seq.params
-        tokens = list(resume.token_ids)
-        ended = len(tokens) >= params.max_tokens or (
-            not params.ignore_eos and any(t in self.eos_ids for t in tokens)
-        )
-        detok = IncrementalDetokenizer(self.tokenizer, stop=params.stop)
-        detok.push(tokens)
-        if ended or detok.stopped:
-            log.warning("resume_ignored", request_id=seq.request_id, tokens=len(tokens),
-                        reason="the earlier attempt had already ended")
-            return
-        seq.output_ids = tokens
-        tracked.detok = detok
-        released = len(detok.text)
-        tracked.carry = detok.text[resume.text_chars:]
-        tracked.skip = max(0, resume.text_chars - released)
-        if resume.seed is not None and params.seed is None and not params.greedy:
-            tracked.seed = resume.seed  # the draws of the earlier attempt's random seed
-        tracked.stream.resumed_at = len(tokens)
-
     def seed_of(self, request_id: str) -> int | None:
         """The base seed of a tracked request's draws (recorded with its progress)."""
-        tracked = self._tracked.get(request_id)
-        return tracked.seed if tracked is not None else None
+        return self._requests.seed_of(request_id) if self._requests is not None else None
 
     def abort(self, request_id: str, reason: str = "cancelled") -> bool:
         """Stop a request wherever it is; it finishes with `reason`. False if unknown."""
-        tracked = self._tracked.get(request_id)
-        if tracked is None or self.scheduler is None:
+        if self._requests is None or not self._requests.abort(request_id, reason):
             return False
-        if self.scheduler.is_in_flight(tracked.seq):
-            tracked.abort_reason = reason  # finished when its micro-batch comes back
-        else:
-            self._finish(tracked, SeqStatus.FINISHED_ABORTED, reason)
         self._wakeup.set()
         return True
 
@@ -293,35 +243,36 @@ class Engine:
             yield output
 
     def has_request(self, request_id: str) -> bool:
-        return request_id in self._tracked
+        return self._requests is not None and request_id in self._requests
 
     @property
     def num_requests(self) -> int:
-        return len(self._tracked)
+        return len(self._requests) if self._requests is not None else 0
 
     # ------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
         assert self.scheduler is not None and self.pipeline is not None
-        scheduler, pipeline = self.scheduler, self.pipeline
+        assert self._requests is not None
+        scheduler, pipeline, requests = self.scheduler, self.pipeline, self._requests
         in_flight: deque[StepPlan] = deque()
         try:
             while True:
                 pipeline.check()  # a dead model process is noticed idle too, within a second
-                self._expire_deadlines()
-                held = self._gate_holds()
+                requests.expire_deadlines()
+                held = self._gate.holds(requests.max_output_tokens)
                 while not held and len(in_flight) < pipeline.depth:
                     plan = scheduler.schedule_next(time.monotonic())
                     if plan is None:
                         break
-                    self._announce(plan)
+                    requests.announce(plan)
                     if plan.items:
                         await pipeline.submit(self._build(plan))
                         in_flight.append(plan)
                 if not in_flight:
                     self._wakeup.clear()
                     if held:
-                        self._report_gate_held()
+                        self._gate.report_held(len(requests), requests.max_output_tokens)
                         await asyncio.sleep(gate.POLL_S)
                     elif not scheduler.has_work:
                         # Wake for new work, or once a second to check deadlines.
@@ -333,12 +284,14 @@ class Engine:
                 began = time.monotonic()
                 _, result = await pipeline.result()
                 plan = in_flight.popleft()
-                if isinstance(result, BaseException) and self._retry_smaller(plan, result):
-                    self._finish_pending_aborts(plan)
+                if isinstance(result, BaseException) and self._retry.retry_smaller(
+                    scheduler, plan, result
+                ):
+                    requests.finish_pending_aborts(plan)
                     continue
                 scheduler.complete(plan, ok=not isinstance(result, BaseException))
                 self._process(plan, result)
-                self._relax_step_cap()
+                self._retry.relax(scheduler)
                 self.steps += 1
                 self.last_step_at = time.monotonic()
                 if self.on_step is not None:
@@ -351,228 +304,15 @@ class Engine:
             # A dead model process is this worker's fault, not the requests': hand them back
             # (no outcome, offsets uncommitted) so the fleet resumes them from their progress.
             reason = "revoked" if isinstance(exc, ModelProcessDied) else "failed"
-            for tracked in list(self._tracked.values()):
-                self._finish(tracked, SeqStatus.FINISHED_ABORTED, reason, error=repr(exc))
+            requests.finish_all(reason, error=repr(exc))
             raise
 
-    # ------------------------------------------------------------------ the test gate
-
-    def _gate_holds(self) -> bool:
-        """Whether the test gate holds the next step; False at once when no gate is configured."""
-        if self.config.test_gate is None:
-            return False
-        self._gate_rule = gate.read_rule(self.config.test_gate)
-        held = self._gate_rule is not None and self._gate_rule.holds(self._max_output_tokens())
-        if not held and self.gate_held:
-            self.gate_held = False
-            log.info("test_gate_released", rule=str(self._gate_rule or "absent"))
-        return held
-
-    def _report_gate_held(self) -> None:
-        """Held with nothing in flight: until the gate opens, no request changes."""
-        if self.gate_held:
-            return
-        self.gate_held = True
-        log.info(
-            "test_gate_held",
-            rule=str(self._gate_rule),
-            requests=len(self._tracked),
-            max_output_tokens=self._max_output_tokens(),
-        )
-
-    def _max_output_tokens(self) -> int:
-        return max((len(t.seq.output_ids) for t in self._tracked.values()), default=0)
-
-    def _retry_smaller(self, plan: StepPlan, error: BaseException) -> bool:
-        """A failed step of several sequences runs again in smaller steps.
-
-        Out of memory halves the sequences per step; any other error runs them one at a time, so
-        a fault that one request triggers fails that request alone. A single-sequence step that
-        fails is final (False)."""
-        assert self.scheduler is not None
-        if len(plan.items) <= 1:
-            return False
-        oom = isinstance(error, (torch.OutOfMemoryError, MemoryError))
-        self.scheduler.abandon(plan)
-        self.scheduler.step_cap = max(1, len(plan.items) // 2) if oom else 1
-        self._steps_since_oom = 0
-        self.oom_retries += oom
-        if oom and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        log.warning(
-            "step_failed_retrying_smaller",
-            error=repr(error)[:300],
-            sequences=len(plan.items),
-            step_cap=self.scheduler.step_cap,
-        )
-        return True
-
-    def _finish_pending_aborts(self, plan: StepPlan) -> None:
-        """A step given up for a retry: its sequences aborted meanwhile end now, not after it."""
-        for item in plan.items:
-            tracked = self._tracked[item.seq.request_id]
-            if tracked.abort_reason is not None:
-                self._finish(tracked, SeqStatus.FINISHED_ABORTED, tracked.abort_reason)
-
-    def _relax_step_cap(self) -> None:
-        """After a run of good steps, double the cap again until it is gone."""
-        scheduler = self.scheduler
-        if scheduler is None or scheduler.step_cap is None:
-            return
-        self._steps_since_oom += 1
-        if self._steps_since_oom >= 16:
-            self._steps_since_oom = 0
-            doubled = scheduler.step_cap * 2
-            scheduler.step_cap = None if doubled >= self.config.max_num_seqs else doubled
-
-    def _announce(self, plan: StepPlan) -> None:
-        for seq in plan.preempted:
-            tracked = self._tracked[seq.request_id]
-            tracked.stream.put(RequestOutput(seq.request_id, OutputKind.PREEMPTED))
-        for item in plan.items:
-            tracked = self._tracked[item.seq.request_id]
-            if not tracked.started_announced:
-                tracked.started_announced = True
-                tracked.stream.put(
-                    RequestOutput(
-                        item.seq.request_id, OutputKind.STARTED, started_at=time.monotonic()
-                    )
-                )
+    # The loop calls these two through the instance: benchmarks wrap them there to time them.
 
     def _build(self, plan: StepPlan) -> StepBatch:
-        assert self.blocks is not None
-        ids: list[int] = []
-        query_lens: list[int] = []
-        context_lens: list[int] = []
-        tables: list[tuple[int, ...]] = []
-        sample_rows: list[int] = []
-        params: list[SamplingParams] = []
-        seeds: list[int | None] = []
-        row = 0
-        for item in plan.items:
-            seq, start, num = item.seq, item.start, item.num_tokens
-            ids.extend(token_slice(seq, start, num))
-            query_lens.append(num)
-            context_lens.append(start + num)
-            tables.append(self.blocks.block_table(seq.request_id))
-            if item.sample:
-                sample_rows.append(row + num - 1)
-                params.append(seq.params)
-                seed = self._tracked[seq.request_id].seed
-                seeds.append(None if seed is None else token_seed(seed, len(seq.output_ids)))
-            row += num
-        as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-        return StepBatch(
-            input_ids=as_long(ids),
-            query_lens=query_lens,
-            context_lens=context_lens,
-            block_tables=tables,
-            sample_rows=as_long(sample_rows),
-            sampler=functools.partial(sample, params=params, seeds=seeds),  # picklable
-        )
+        assert self.blocks is not None and self._requests is not None
+        return build_batch(plan, self.blocks, self._requests)
 
     def _process(self, plan: StepPlan, result: list[int] | BaseException) -> None:
-        """The one place that turns a step's sampled tokens into per-request outputs.
-
-        Every item's sequence is still tracked: a sequence in flight is only marked for abort
-        (`abort_reason`) and finishes here, with that reason even when the step failed."""
-        if isinstance(result, BaseException):
-            log.error("step_failed", error=repr(result), sequences=len(plan.items))
-            for item in plan.items:
-                tracked = self._tracked[item.seq.request_id]
-                if tracked.abort_reason is not None:
-                    self._finish(tracked, SeqStatus.FINISHED_ABORTED, tracked.abort_reason)
-                else:
-                    self._finish(tracked, SeqStatus.FINISHED_ABORTED, "failed", error=repr(result))
-            return
-        tokens = iter(result)
-        now = time.monotonic()
-        for item in plan.items:
-            token = next(tokens) if item.sample else None
-            tracked = self._tracked[item.seq.request_id]
-            if tracked.abort_reason is not None:
-                self._finish(tracked, SeqStatus.FINISHED_ABORTED, tracked.abort_reason)
-            elif token is not None:
-                self._append(tracked, token, now)
-
-    def _append(self, tracked: Tracked, token: int, now: float) -> None:
-        seq = tracked.seq
-        index = len(seq.output_ids)
-        seq.output_ids.append(token)
-        if tracked.first_token_at is None:
-            tracked.first_token_at = now
-        text = tracked.detok.push([token])
-        status: SeqStatus | None = None
-        if token in self.eos_ids and not seq.params.ignore_eos:
-            status = SeqStatus.FINISHED_EOS
-        elif tracked.detok.stopped:
-            status = SeqStatus.FINISHED_STOPPED
-        elif len(seq.output_ids) >= seq.params.max_tokens:
-            status = SeqStatus.FINISHED_LENGTH
-        if status is not None:
-            text += tracked.detok.finish()
-            if tracked.detok.stopped:  # an overlapping stop can be confirmed only by finish()
-                status = SeqStatus.FINISHED_STOPPED
-        if tracked.carry or tracked.skip:  # a resumed attempt lines its text up with the old one
-            text = tracked.carry + text
-            cut = min(tracked.skip, len(text))
-            text, tracked.carry, tracked.skip = text[cut:], "", tracked.skip - cut
-        tracked.stream.put(
-            RequestOutput(
-                seq.request_id, OutputKind.TOKENS, index=index, token_ids=[token], text=text
-            )
-        )
-        if status is not None:
-            self._finish(tracked, status, _REASONS[status])
-
-    def _finish(
-        self, tracked: Tracked, status: SeqStatus, reason: str, error: str | None = None
-    ) -> None:
-        seq = tracked.seq
-        if self._tracked.pop(seq.request_id, None) is None:
-            return
-        assert self.scheduler is not None
-        self.scheduler.finish(seq, status)
-        if status is SeqStatus.FINISHED_ABORTED:
-            tracked.detok.finish()
-        tracked.stream.put(
-            RequestOutput(
-                seq.request_id,
-                OutputKind.FINISHED,
-                finish_reason=reason,
-                final_text=tracked.detok.text,
-                num_prompt_tokens=len(seq.prompt_ids),
-                num_completion_tokens=len(seq.output_ids),
-                error=error,
-                first_token_at=tracked.first_token_at,
-                started_at=seq.started_at,
-            )
-        )
-
-    def _expire_deadlines(self) -> None:
-        now = time.time()
-        expired = [
-            t.seq.request_id
-            for t in self._tracked.values()
-            if t.deadline_s is not None and now > t.deadline_s and t.abort_reason is None
-        ]
-        for request_id in expired:
-            self.abort(request_id, "expired")
-
-
-_REASONS = {
-    SeqStatus.FINISHED_EOS: "eos",
-    SeqStatus.FINISHED_STOPPED: "stop",
-    SeqStatus.FINISHED_LENGTH: "length",
-}
-
-
-def token_slice(seq: Sequence, start: int, num: int) -> list[int]:
-    """Tokens [start, start + num) of prompt + output, without joining the two lists."""
-    prompt_len = len(seq.prompt_ids)
-    if start >= prompt_len:
-        return seq.output_ids[start - prompt_len : start - prompt_len + num]
-    end = start + num
-    if end <= prompt_len:
-        return seq.prompt_ids[start:end]
-    return seq.prompt_ids[start:] + seq.output_ids[: end - prompt_len]
+        assert self._requests is not None
+        self._requests.process(plan, result)

@@ -17,8 +17,13 @@ else in the file is an error that stops the engine (loudly: every request fails)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
 
 POLL_S = 0.005
 """How often a held engine reads the gate file again."""
@@ -55,3 +60,37 @@ def read_rule(path: str | Path) -> GateRule | None:
     except FileNotFoundError:
         return None
     return parse_rule(text)
+
+
+class Gate:
+    """The engine's view of the gate file: read before each step, and whether it holds now."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = path
+        self.rule: GateRule | None = None
+        self.held = False
+        """The gate holds the engine and no step is in flight."""
+
+    def holds(self, max_output_tokens: Callable[[], int]) -> bool:
+        """Whether the gate holds the next step; False at once when no gate is configured (so
+        production never reads the file nor counts tokens)."""
+        if self.path is None:
+            return False
+        self.rule = read_rule(self.path)
+        held = self.rule is not None and self.rule.holds(max_output_tokens())
+        if not held and self.held:
+            self.held = False
+            log.info("test_gate_released", rule=str(self.rule or "absent"))
+        return held
+
+    def report_held(self, requests: int, max_output_tokens: Callable[[], int]) -> None:
+        """Held with nothing in flight: until the gate opens, no request changes."""
+        if self.held:
+            return
+        self.held = True
+        log.info(
+            "test_gate_held",
+            rule=str(self.rule),
+            requests=requests,
+            max_output_tokens=max_output_tokens(),
+        )
