@@ -220,6 +220,23 @@ class WorkerProc:
             self.process.wait()
 
 
+def spawn_worker(bootstrap: str, prefix: str, model: Path, log_dir: Path, name: str,
+                 *extra: str, env: dict[str, str] | None = None,
+                 gate: Gate | None = None) -> WorkerProc:
+    """Start one `streamer worker` process (not waiting for it); the caller stops it."""
+    log_path = log_dir / f"{name}.log"
+    out = open(log_path, "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamer.cli", "worker", "--model", str(model),
+         "--prefix", prefix, "--metrics-port", "0", "--worker-id", name,
+         "--bootstrap-servers", bootstrap, *extra],
+        stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        env={**os.environ, **WORKER_ENV, **(gate.env if gate else {}), **(env or {})},
+    )
+    out.close()
+    return WorkerProc(process, log_path, name)
+
+
 @pytest.fixture
 def start_worker(
     kafka_bootstrap: str, prefix: str, tiny_model: Path, tmp_path: Path
@@ -229,18 +246,8 @@ def start_worker(
 
     def start(*extra: str, model: Path | None = None, wait: bool = True,
               env: dict[str, str] | None = None, gate: Gate | None = None) -> WorkerProc:
-        name = f"w{len(started)}"
-        log_path = tmp_path / f"{name}.log"
-        out = open(log_path, "wb")  # noqa: SIM115
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamer.cli", "worker", "--model", str(model or tiny_model),
-             "--prefix", prefix, "--metrics-port", "0", "--worker-id", name,
-             "--bootstrap-servers", kafka_bootstrap, *extra],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, **WORKER_ENV, **(gate.env if gate else {}), **(env or {})},
-        )
-        out.close()
-        proc = WorkerProc(process, log_path, name)
+        proc = spawn_worker(kafka_bootstrap, prefix, model or tiny_model, tmp_path,
+                            f"w{len(started)}", *extra, env=env, gate=gate)
         started.append(proc)
         if wait:
             proc.wait_for("partitions_assigned")
@@ -249,3 +256,70 @@ def start_worker(
     yield start
     for proc in started:
         proc.kill()
+
+
+# -- one worker that a module's independent checks share
+#
+# A worker start costs ~20 s on two cores, most of it the consumer group's first join. Tests that
+# need a default worker and nothing of their own (flags, a fresh group, an exact metric count)
+# share one per module: each uses fresh request ids on the module's topics, and leaves the gate
+# open and the engine idle for the next (`shared` checks that after every test).
+
+
+@dataclass
+class SharedWorker:
+    prefix: str
+    worker: WorkerProc
+    gate: Gate
+
+    def running(self) -> float:
+        """Requests the worker holds (running or waiting), from its /metrics."""
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.worker.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(("streamer_num_requests_running",
+                                       "streamer_num_requests_waiting")))
+
+
+@pytest.fixture(scope="module")
+async def shared_prefix(kafka_settings: KafkaSettings) -> str:
+    """The topic prefix of the module's shared worker (a module may override it)."""
+    name = f"m{uuid.uuid4().hex[:10]}"
+    await apply_topics(kafka_settings, name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def shared_worker(
+    kafka_bootstrap: str, shared_prefix: str, tiny_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SharedWorker]:
+    """One default worker (behind an open test gate) for the module; stopped at its end."""
+    folder = tmp_path_factory.mktemp("shared")
+    gate = Gate(folder / "gate")
+    proc = spawn_worker(kafka_bootstrap, shared_prefix, tiny_model, folder, "shared", gate=gate)
+    try:
+        proc.wait_for("partitions_assigned")
+        yield SharedWorker(shared_prefix, proc, gate)
+    finally:
+        gate.release()
+        proc.kill()
+
+
+@pytest.fixture
+async def shared(shared_worker: SharedWorker) -> AsyncIterator[SharedWorker]:
+    """The module's shared worker for one test; afterwards the gate is open again and the
+    worker holds no request (an eventual condition), so the next test finds it as new."""
+    yield shared_worker
+    shared_worker.gate.release()
+    await until(lambda: shared_worker.running() == 0, timeout=60, what="shared worker idle")
+
+
+@pytest.fixture
+async def shared_client(kafka_settings: KafkaSettings,
+                        shared: SharedWorker) -> AsyncIterator[StreamerClient]:
+    """A fresh client on the shared worker's topics."""
+    async with StreamerClient(kafka_settings, shared.prefix) as c:
+        yield c

@@ -49,6 +49,12 @@ async def prefix(kafka_settings: KafkaSettings) -> str:
     return await _make_prefix(kafka_settings, TOKENS_PARTITIONS, EVENTS_PARTITIONS)
 
 
+@pytest.fixture(scope="module")
+async def shared_prefix(kafka_settings: KafkaSettings) -> str:
+    """Overrides conftest's: the module's shared worker uses these topics too."""
+    return await _make_prefix(kafka_settings, TOKENS_PARTITIONS, EVENTS_PARTITIONS)
+
+
 def _first_id(stem: str, where: Callable[[str], bool]) -> str:
     return next(rid for rid in (f"{stem}-{i}" for i in itertools.count()) if where(rid))
 
@@ -73,9 +79,14 @@ def _text_tokens(updates: list[Update]) -> int:
     return sum(u.tokens for u in updates if u.kind is UpdateKind.TEXT)
 
 
+# The tests that need a worker share one (conftest `shared`), each with a fresh client and its
+# own request ids.
+
+
 async def test_a_client_reads_only_its_requests_partitions(
-    start_worker, client, kafka_settings, prefix, tiny_model
+    shared, shared_client, kafka_settings, tiny_model
 ) -> None:
+    client, prefix = shared_client, shared.prefix
     # Three (tokens, events) partition pairs, distinct in both topics; two requests on each.
     pairs: dict[tuple[int, int], list[str]] = {}
     for rid in (f"only-{n}" for n in itertools.count()):
@@ -92,7 +103,6 @@ async def test_a_client_reads_only_its_requests_partitions(
 
     async with StreamerClient(kafka_settings, prefix) as idle:  # submits nothing
         assert client.assignment == frozenset() == idle.assignment  # start() assigns nothing
-        start_worker()
         handles = []
         for i, rid in enumerate(ids):
             handles.append(await client.submit(PROMPTS[i], request_id=rid, max_tokens=4 + i))
@@ -109,15 +119,13 @@ async def test_a_client_reads_only_its_requests_partitions(
         assert idle._consumer.assignment() == set()
 
 
-async def test_assignment_grows_while_a_request_streams(
-    start_worker, client, prefix, tiny_model, gate
-) -> None:
+async def test_assignment_grows_while_a_request_streams(shared, shared_client, tiny_model) -> None:
     """B, on partitions new to the client, is submitted while A has 4 of its 30 tokens and
     more to come (the gate holds the engine there); A's text is still complete and in order."""
+    client, prefix, gate = shared_client, shared.prefix, shared.gate
     a = "grow-a"
     b = _first_id("grow-b", lambda rid: not (_outputs(prefix, rid) & _outputs(prefix, a)))
     gate.hold_at(4)
-    start_worker(gate=gate)
     handle_a = await client.submit(PROMPTS[0], request_id=a, max_tokens=30, ignore_eos=True)
     updates, collector = _collect(handle_a)
     await until(lambda: _text_tokens(updates) >= 4, what="A streams its first 4 tokens")
@@ -172,8 +180,8 @@ async def test_growing_keeps_records_not_read_yet(kafka_settings, prefix) -> Non
         await producer.stop()
 
 
-async def test_follow_reads_a_request_produced_elsewhere(start_worker, client, prefix) -> None:
-    start_worker()
+async def test_follow_reads_a_request_produced_elsewhere(shared, shared_client) -> None:
+    client, prefix = shared_client, shared.prefix
     handle = await client.follow("followed-1")
     assert client.assignment == _outputs(prefix, "followed-1")
     assert await client.follow("followed-1") is handle

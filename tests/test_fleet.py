@@ -55,10 +55,12 @@ async def test_kill_one_of_two_workers_then_add_a_third(
     The gate holds w0's requests at 5 tokens, so the kill finds them mid-generation however
     fast the machine is."""
     gate.hold_at(5)
-    first = start_worker("--max-num-seqs", "4", gate=gate)
-    start_worker("--max-num-seqs", "4")
+    # Both join the group's first generation together (one join, not a join and a rebalance).
+    first = start_worker("--max-num-seqs", "4", gate=gate, wait=False)
+    second = start_worker("--max-num-seqs", "4", wait=False)
     await first.await_for("partitions_assigned")
-    max_tokens = 160
+    await second.await_for("partitions_assigned")
+    max_tokens = 48
     # Off the event loop: blocking it for seconds starves the client's Kafka connections.
     expected = await asyncio.to_thread(lambda: [
         greedy_text(tiny_model, PROMPTS[i % len(PROMPTS)] + f" #{i}", max_tokens, ignore_eos=True)
@@ -70,7 +72,7 @@ async def test_kill_one_of_two_workers_then_add_a_third(
     killed_at = time.time()
     first.kill()
     victims = [h for h in handles if "w0" in _started_by(h)]
-    assert not any(h.done for h in victims)  # held at 5 of 160 tokens
+    assert not any(h.done for h in victims)  # held at 5 of 48 tokens
     third = start_worker("--max-num-seqs", "4", wait=False)
     results = await asyncio.gather(*(h.result(300) for h in handles))
     resumed_at = min(
@@ -125,19 +127,20 @@ async def test_sigterm_hands_back_what_does_not_fit_the_grace_period(
     start_worker, client, gate
 ) -> None:
     """Held at 5 tokens, nothing can finish within the grace period: everything is handed back
-    uncommitted and the next owner serves it as a new attempt."""
+    uncommitted and the next owner serves it as a new attempt. (While the gate holds, no length
+    past 5 tokens can finish: 60 is enough.)"""
     gate.hold()
     worker = start_worker("--shutdown-grace-s", "0.5", "--max-num-seqs", "2", gate=gate)
-    handles = [await client.submit(p, max_tokens=800, ignore_eos=True) for p in PROMPTS[:4]]
+    handles = [await client.submit(p, max_tokens=60, ignore_eos=True) for p in PROMPTS[:4]]
     await until(lambda: all(_has(h, EventType.QUEUED) for h in handles), what="all queued")
-    gate.hold_at(5)  # one step admits two; they hold at 5 of their 800 tokens
+    gate.hold_at(5)  # one step admits two; they hold at 5 of their 60 tokens
     await until(lambda: sum(1 for h in handles if _started_by(h)) == 2, what="2 running")
     assert worker.terminate(timeout=60) == 0
     assert not any(h.done for h in handles), "nothing was finished, so nothing was committed"
     start_worker()  # the next owner restarts them from the uncommitted offsets
     results = await asyncio.gather(*(h.result(120) for h in handles))
     assert all(r.outcome.type is EventType.COMPLETED and r.outcome.worker == "w1" for r in results)
-    assert all(len(r.token_ids) == 800 for r in results)
+    assert all(len(r.token_ids) == 60 for r in results)
     for result in results:
         assert _outcome_names_the_last_attempt(result)
         started = [e for e in result.events if e.type is EventType.STARTED]

@@ -47,7 +47,10 @@ def _status(port: int, path: str) -> int:
         return exc.code
 
 
-async def test_metrics_account_for_every_request(start_worker, client) -> None:
+async def test_metrics_account_for_every_request_and_the_prefix_cache(start_worker, client) -> None:
+    """One worker for both halves (a worker start costs more than the checks): 1. every request
+    is counted, and logged with its phases; 2. a shared prompt prefix shows in the prefix cache
+    metrics, counted from what the first half left."""
     worker = start_worker()
     handles = [await client.submit(p, priority=("urgent", "low")[i % 2], max_tokens=5 + i)
                for i, p in enumerate(PROMPTS[:10])]
@@ -106,10 +109,26 @@ async def test_metrics_account_for_every_request(start_worker, client) -> None:
             assert line.get(key) is not None, (key, line)
     assert not any(PROMPTS[0] in text for text in worker.log().splitlines())
 
+    # The prefix cache's counters come from the worker's loop: start the second half from a
+    # sample that counts every first-half prompt token (an eventual condition).
+    first_half = sum(r.outcome.usage.prompt_tokens for r in completed)
 
-async def test_shared_prompt_prefix_shows_in_prefix_cache_metrics(start_worker, client) -> None:
-    """Requests that share a long prompt prefix hit the prefix cache, and /metrics says so."""
-    worker = start_worker()
+    def looked_up() -> dict | None:  # type: ignore[type-arg]
+        samples = _samples(port)
+        return samples if _sum(samples, "streamer_prefix_cache_queries_total") >= first_half \
+            else None
+    before = await _wait(looked_up, timeout=60)
+    await _prefix_cache_half(client, port, before=before)
+
+
+async def _prefix_cache_half(client, port: int, before: dict) -> None:  # type: ignore[no-untyped-def, type-arg]
+    """Requests that share a long prompt prefix hit the prefix cache, and /metrics says so.
+
+    Counters are taken as increases over `before` (the worker's samples once the first half's
+    prompts were counted); gauges are the worker's own."""
+    def grown(samples: dict, name: str) -> float:  # type: ignore[type-arg]
+        return _sum(samples, name) - _sum(before, name)
+
     shared = " ".join(PROMPTS[:12])  # ~180 tokens with the tiny model's tokenizer: 11 blocks
     tails = [" and then the cat slept", " while the robot sang", " so Kafka kept it",
              " until the stars faded"]
@@ -120,24 +139,25 @@ async def test_shared_prompt_prefix_shows_in_prefix_cache_metrics(start_worker, 
     results = [first, *await asyncio.gather(*(h.result(120) for h in handles))]
     assert all(r.outcome.type is EventType.COMPLETED for r in results)
     prompt_tokens = sum(r.outcome.usage.prompt_tokens for r in results)
-    port = worker.metrics_port
-    assert port is not None
 
     # The gauges are refreshed by the worker's loop: wait for them to count every prompt.
     def counted() -> dict | None:  # type: ignore[type-arg]
         samples = _samples(port)
-        done = (_sum(samples, "streamer_prefix_cache_queries_total") >= prompt_tokens
+        done = (grown(samples, "streamer_prefix_cache_queries_total") >= prompt_tokens
                 and _sum(samples, "streamer_num_requests_running") == 0
                 and _sum(samples, "streamer_kv_cache_blocks", state="used") == 0)
         return samples if done else None
     samples = await _wait(counted, timeout=60)
-    queries = _sum(samples, "streamer_prefix_cache_queries_total")
-    hits = _sum(samples, "streamer_prefix_cache_hits_total")
+    queries = grown(samples, "streamer_prefix_cache_queries_total")
+    hits = grown(samples, "streamer_prefix_cache_hits_total")
     assert queries == prompt_tokens  # every prompt token looked up once, on admission
     # Each later request skips at least 10 of the shared prefix's 11 full blocks of 16 tokens.
     assert hits >= 3 * 10 * 16, (hits, queries)
     assert hits % 16 == 0 and hits < queries  # whole blocks, never a whole prompt
-    assert _sum(samples, "streamer_prefix_cache_hit_ratio") == pytest.approx(hits / queries)
+    # The ratio is the worker's since its start: both halves.
+    assert _sum(samples, "streamer_prefix_cache_hit_ratio") == pytest.approx(
+        _sum(samples, "streamer_prefix_cache_hits_total")
+        / _sum(samples, "streamer_prefix_cache_queries_total"))
     assert _sum(samples, "streamer_prefix_cache_preempted_queries_total") == 0
     # Finished sequences free their blocks; the shared prefix stays cached for the next one.
     assert _sum(samples, "streamer_kv_cache_blocks", state="cached") >= 11

@@ -95,7 +95,10 @@ async def read_dlq(kafka_settings, prefix: str, expect: int, timeout: float = 60
 async def test_two_workers_survive_every_poison_pill(
     start_worker, client, kafka_settings, kafka_bootstrap, prefix, strict_model
 ) -> None:
-    workers = [start_worker(model=strict_model), start_worker(model=strict_model)]
+    # Both join the group's first generation together (one join, not a join and a rebalance).
+    workers = [start_worker(model=strict_model, wait=False) for _ in range(2)]
+    for worker in workers:
+        await worker.await_for("partitions_assigned")
     normal = protocol.request_topic(prefix, "normal")
     follow = {rid: await client.follow(rid) for rid in
               ("chat-bad", "chat-ok", "big-header", "long-trace", "after-0", "after-1")}

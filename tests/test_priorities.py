@@ -79,7 +79,9 @@ async def test_preempted_request_resumes_with_identical_text(
 ) -> None:
     gate.hold()
     start_worker("--max-num-seqs", "2", gate=gate)
-    lows = [await client.submit(PROMPTS[i], priority="low", max_tokens=300, ignore_eos=True)
+    # 80 tokens: the preemption comes at the first step after the hold at 10, so lows need no
+    # more length than that to be running when the urgent request arrives.
+    lows = [await client.submit(PROMPTS[i], priority="low", max_tokens=80, ignore_eos=True)
             for i in range(2)]
     await until(lambda: all(_has(h, EventType.QUEUED) for h in lows), what="lows queued")
     gate.hold_at(10)  # both run (one step admits both), then hold mid-generation
@@ -91,7 +93,7 @@ async def test_preempted_request_resumes_with_identical_text(
     preempted = [r for r in results[:2] if any(e.type is EventType.PREEMPTED for e in r.events)]
     assert len(preempted) == 1, "the urgent request must preempt one of the low ones"
     expected = await asyncio.to_thread(
-        lambda: [greedy_text(tiny_model, PROMPTS[i], 300, ignore_eos=True) for i in range(2)])
+        lambda: [greedy_text(tiny_model, PROMPTS[i], 80, ignore_eos=True) for i in range(2)])
     for i, result in enumerate(results[:2]):
         assert result.text == expected[i]
         assert result.attempts_seen == 1  # preemption keeps the attempt
@@ -99,11 +101,15 @@ async def test_preempted_request_resumes_with_identical_text(
     assert results[2].outcome.type is EventType.COMPLETED
 
 
+# Cancels and deadlines need a default worker behind the gate and nothing of their own: they share
+# one (conftest `shared`), with fresh request ids each.
+
+
 async def test_cancel_stops_a_long_request_and_the_worker_keeps_serving(
-    start_worker, client, gate
+    shared, shared_client
 ) -> None:
+    client, gate = shared_client, shared.gate
     gate.hold_at(3)  # the long request holds at 3 tokens: the cancel finds it mid-generation
-    start_worker(gate=gate)
     long = await client.submit(PROMPTS[0], max_tokens=900, ignore_eos=True)
     await _tokens_received(long, 3)
     await client.cancel(long.request_id)
@@ -115,14 +121,14 @@ async def test_cancel_stops_a_long_request_and_the_worker_keeps_serving(
     assert (await after.result(60)).outcome.type is EventType.COMPLETED
 
 
-async def test_cancel_before_the_request_arrives(start_worker, client, gate, prefix) -> None:
+async def test_cancel_before_the_request_arrives(shared, shared_client) -> None:
     """A cancel the worker consumed before its request never lets the request reach the engine.
 
     "Consumed before" is an observed fact, not a sleep: a sentinel request waits in the held
     engine, and its cancel follows ours on the same control partition; the worker handles a
     partition in order, so once the sentinel is cancelled, ours has been read."""
+    client, gate, prefix = shared_client, shared.gate, shared.prefix
     gate.hold()
-    start_worker(gate=gate)
     control = protocol.control_topic(prefix)
     partitions = partitions_of(control)
     ours = "cancel-first"
@@ -147,13 +153,13 @@ async def test_cancel_before_the_request_arrives(start_worker, client, gate, pre
     assert [e.type for e in result.events] == [EventType.CANCELLED]
 
 
-async def test_deadlines(start_worker, client, gate) -> None:
+async def test_deadlines(shared, shared_client) -> None:
     """A request past its deadline on arrival expires at once; one that passes its deadline while
     running (held at 2 tokens by the gate, however fast the machine) expires with those tokens.
 
     The one wall-clock bound: the worker must produce 2 tokens within the 3 s deadline."""
+    client, gate = shared_client, shared.gate
     gate.hold_at(2)
-    start_worker(gate=gate)
     past = await client.submit(PROMPTS[0], max_tokens=20, deadline_ms=protocol.now_ms() - 1000)
     soon = await client.submit(PROMPTS[1], max_tokens=900, ignore_eos=True,
                                deadline_ms=protocol.now_ms() + 3000)

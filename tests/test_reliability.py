@@ -147,9 +147,12 @@ async def _stop(worker: Worker, task: asyncio.Task) -> None:  # type: ignore[typ
     await asyncio.wait_for(task, 60)
 
 
-async def test_a_model_fault_fails_only_the_request_that_triggers_it(
+async def test_a_model_fault_fails_only_its_request_and_out_of_memory_shrinks_the_batch(
     kafka_settings, prefix, tiny_model
 ) -> None:
+    """One worker for both halves (a worker start costs more than the checks), each with its own
+    fault in the stage's forward: 1. a model fault fails only the request that triggers it;
+    2. out-of-memory shrinks the batch and retries, and every request completes."""
     worker, task = await _in_process_worker(kafka_settings, prefix, tiny_model)
     poison = worker.engine.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     stage = worker.engine.pipeline.stages[0]
@@ -160,44 +163,37 @@ async def test_a_model_fault_fails_only_the_request_that_triggers_it(
             raise RuntimeError("injected fault: poison token in the batch")
         return real_forward(batch, hidden)
 
-    stage.forward = faulty_forward  # type: ignore[method-assign]
-    try:
-        async with StreamerClient(kafka_settings, prefix) as client:
-            good = [await client.submit(p, max_tokens=20) for p in PROMPTS[:6]]
-            bad = await client.submit("this one is <|endoftext|> poisoned", max_tokens=20)
-            more = [await client.submit(p, max_tokens=20) for p in PROMPTS[6:10]]
-            bad_result = await bad.result(60)
-            results = await asyncio.gather(*(h.result(60) for h in good + more))
-        assert bad_result.outcome.type is EventType.FAILED
-        assert bad_result.outcome.error.code == "model_error"
-        assert "injected fault" in bad_result.outcome.error.message
-        for result, prompt in zip(results, PROMPTS[:10], strict=True):
-            assert result.outcome.type is EventType.COMPLETED
-            assert result.text == greedy_text(tiny_model, prompt, 20)
-    finally:
-        await _stop(worker, task)
-
-
-async def test_out_of_memory_shrinks_the_batch_and_retries(kafka_settings, prefix, tiny_model) -> None:
-    worker, task = await _in_process_worker(kafka_settings, prefix, tiny_model)
-    stage = worker.engine.pipeline.stages[0]
-    real_forward = stage.forward
-
     def small_memory_forward(batch, hidden):  # type: ignore[no-untyped-def]
         sequences = len(batch.query_lens)
         if sequences > 3:
             raise torch.OutOfMemoryError("injected: only 3 sequences fit")
         return real_forward(batch, hidden)
 
-    stage.forward = small_memory_forward  # type: ignore[method-assign]
     try:
         async with StreamerClient(kafka_settings, prefix) as client:
+            # 1. A model fault.
+            stage.forward = faulty_forward  # type: ignore[method-assign]
+            good = [await client.submit(p, max_tokens=20) for p in PROMPTS[:6]]
+            bad = await client.submit("this one is <|endoftext|> poisoned", max_tokens=20)
+            more = [await client.submit(p, max_tokens=20) for p in PROMPTS[6:10]]
+            bad_result = await bad.result(60)
+            results = await asyncio.gather(*(h.result(60) for h in good + more))
+            assert bad_result.outcome.type is EventType.FAILED
+            assert bad_result.outcome.error.code == "model_error"
+            assert "injected fault" in bad_result.outcome.error.message
+            for result, prompt in zip(results, PROMPTS[:10], strict=True):
+                assert result.outcome.type is EventType.COMPLETED
+                assert result.text == greedy_text(tiny_model, prompt, 20)
+
+            # 2. Out of memory above 3 sequences (the engine is idle: every request finished).
+            oom_retries = worker.engine.oom_retries
+            stage.forward = small_memory_forward  # type: ignore[method-assign]
             handles = [await client.submit(p, max_tokens=24) for p in PROMPTS[:12]]
             results = await asyncio.gather(*(h.result(120) for h in handles))
-        assert worker.engine.oom_retries > 0
-        for result, prompt in zip(results, PROMPTS[:12], strict=True):
-            assert result.outcome.type is EventType.COMPLETED
-            assert result.text == greedy_text(tiny_model, prompt, 24)
+            assert worker.engine.oom_retries > oom_retries
+            for result, prompt in zip(results, PROMPTS[:12], strict=True):
+                assert result.outcome.type is EventType.COMPLETED
+                assert result.text == greedy_text(tiny_model, prompt, 24)
     finally:
         await _stop(worker, task)
 

@@ -168,8 +168,11 @@ async def test_a_rolling_restart_loses_nothing(start_worker, client, tiny_model,
     hands its requests back with their progress, the new ones continue them, and every text is
     exact. No request starts over."""
     gate.hold()
+    # Both join the group's first generation together (one join, not a join and a rebalance).
     old = [start_worker("--shutdown-grace-s", "0.5", "--progress-tokens", "1000",
-                        "--progress-s", "1000", gate=gate) for _ in range(2)]
+                        "--progress-s", "1000", gate=gate, wait=False) for _ in range(2)]
+    for worker in old:
+        await worker.await_for("partitions_assigned")
     prompts = [PROMPTS[i] + f" r{i}" for i in range(12)]
     handles = [await client.submit(p, max_tokens=MAX_TOKENS, ignore_eos=True) for p in prompts]
     await until(lambda: all(any(e.type is EventType.QUEUED for e in h.events) for h in handles),

@@ -87,6 +87,7 @@ def test_tune_writes_a_config_a_worker_loads(tiny_model: Path, tmp_path: Path,
     expected = "8" if trial["adopted"] else "64"
     assert winner.get("max_num_seqs", "64") == expected
     (out / "tuned.yaml").write_text("max_num_seqs: 8\nmax_num_batched_tokens: 48\n")
-    worker = start_worker("--config", str(out / "tuned.yaml"))
+    # The engine logs its configuration as it loads, before the group join (no need to wait).
+    worker = start_worker("--config", str(out / "tuned.yaml"), wait=False)
     worker.wait_for('"max_num_batched_tokens": 48')
     assert '"max_num_seqs": 8' in worker.log()
