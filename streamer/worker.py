@@ -244,6 +244,7 @@ class Worker:
     def _count_output(self, kind: str, size: int) -> None:
         self.metrics.output_records.labels(kind=kind).inc()
         self.metrics.output_bytes.labels(kind=kind).inc(size)
+        self.intake.output_sent()
 
     def _on_cancel(self, request_id: str) -> None:
         if self.engine.abort(request_id, "cancelled"):

@@ -239,15 +239,23 @@ async def test_soak_no_leaks(kafka_settings, prefix, tiny_model) -> None:
 
 
 async def test_unacknowledged_outputs_pause_intake_without_losing_anything(
-    kafka_settings, prefix, tiny_model
+    kafka_settings, prefix, tiny_model, gate
 ) -> None:
     """With a tiny outstanding-output limit the worker keeps pausing intake, and still completes
-    every request: output backpressure throttles, it never drops."""
+    every request: output backpressure throttles, it never drops. The gate holds the engine
+    until all 16 are queued, so the first step starts all 16 at once: their first-token chunks
+    are produced in one event-loop turn, before any acknowledgement can come back (no race
+    with the broker's speed)."""
+    gate.hold()
     worker, task = await _in_process_worker(kafka_settings, prefix, tiny_model,
-                                            worker_options={"max_outstanding_outputs": 4})
+                                            worker_options={"max_outstanding_outputs": 4},
+                                            test_gate=str(gate.path))
     try:
         async with StreamerClient(kafka_settings, prefix) as client:
             handles = [await client.submit(p, max_tokens=16) for p in PROMPTS[:16]]
+            await until(lambda: all(any(e.type is EventType.QUEUED for e in h.events)
+                                    for h in handles), what="all queued")
+            gate.release()
             results = await asyncio.gather(*(h.result(120) for h in handles))
         assert worker.intake.backpressure.output_pauses > 0
         for result, prompt in zip(results, PROMPTS[:16], strict=True):

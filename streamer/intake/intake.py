@@ -274,6 +274,14 @@ class Intake:
 
     # ------------------------------------------------------------------ backpressure
 
+    def output_sent(self) -> None:
+        """An output was handed to the producer: pause at once when that reaches the limit
+        (between fetches the poll loop would only see it after its next fetch)."""
+        bp = self.backpressure
+        if not bp.outputs_blocked and \
+                self.outcomes.publisher.outstanding >= bp.max_outstanding_outputs:
+            self.apply_backpressure()
+
     def apply_backpressure(self) -> None:
         """Pause a lane's partitions while its waiting queue is full; resume when it drains."""
         scheduler = self.engine.scheduler
